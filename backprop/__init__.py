@@ -1,0 +1,54 @@
+"""backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
+
+from backprop import jacobian
+from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
+from backprop.graph import Sequential
+from backprop.layer import Layer, Loss, Parameter
+from backprop.layers import (
+    Add,
+    Branch,
+    Flatten,
+    L2Loss,
+    LeakyReLU,
+    Linear,
+    Merge,
+    Multiply,
+    Pointwise,
+    ReLU,
+    Reshape,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Softplus,
+    Tanh,
+)
+from backprop.optim import SGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD",
+    "Add",
+    "Branch",
+    "Flatten",
+    "GradcheckError",
+    "GradcheckReport",
+    "L2Loss",
+    "Layer",
+    "LeakyReLU",
+    "Linear",
+    "Loss",
+    "Merge",
+    "Multiply",
+    "Parameter",
+    "Pointwise",
+    "ReLU",
+    "Reshape",
+    "Sequential",
+    "Sigmoid",
+    "SoftmaxCrossEntropy",
+    "Softplus",
+    "Tanh",
+    "gradcheck",
+    "jacobian",
+    "numerical_jacobian",
+]

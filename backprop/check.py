@@ -1,0 +1,268 @@
+"""Numerical Jacobians and the three-way gradient check.
+
+"Write the analytic gradient and validate it using the numerical gradient":
+``gradcheck`` evaluates a layer (or a network) at given inputs and demands that
+three computations of the same numbers agree,
+
+1. the fast path, ``backward(g_out)``;
+2. the explicit Jacobians, ``g_out · jacobians()`` as dense matrices;
+3. float64 central differences, ``(f(x + εe_i) - f(x - εe_i)) / 2ε``;
+
+and that the explicit Jacobians equal the numerical ones entry by entry, plus
+the dot-product test ``<v, L u> = <v L, u>`` between the forward product of the
+Jacobian object and the backward pass. Any disagreement raises
+``GradcheckError`` (an ``AssertionError``) with the analytic and numerical
+values side by side at the worst entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backprop.jacobian import Jacobian
+from backprop.layer import Layer, Parameter
+
+__all__ = ["GradcheckError", "GradcheckReport", "gradcheck", "numerical_jacobian"]
+
+
+class GradcheckError(AssertionError):
+    """An analytic derivative disagrees with another computation of it."""
+
+
+@dataclass
+class GradcheckReport:
+    """What a passing ``gradcheck`` compared, and the worst relative error seen."""
+
+    name: str
+    checks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> float:
+        return max(self.checks.values(), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"gradcheck {self.name}: {len(self.checks)} comparisons passed"]
+        lines += [f"  {what:<60} worst rel. error {err:.2e}" for what, err in self.checks.items()]
+        return "\n".join(lines)
+
+
+def numerical_jacobian(
+    f: Callable[[np.ndarray], Any], x: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
+    """The Jacobian of ``f`` at ``x`` by float64 central differences.
+
+    Returns an array of shape ``(f(x).size, x.size)``: row ``i`` is output entry
+    ``i`` and column ``j`` is input entry ``j``, both in C order. ``x`` is not
+    changed.
+    """
+    x = np.array(x, dtype=np.float64, copy=True)
+    flat = x.reshape(-1)
+    columns = []
+    for j in range(flat.size):
+        orig = flat[j]
+        flat[j] = orig + eps
+        plus = np.array(f(x), dtype=np.float64).ravel()
+        flat[j] = orig - eps
+        minus = np.array(f(x), dtype=np.float64).ravel()
+        flat[j] = orig
+        columns.append((plus - minus) / (2 * eps))
+    if not columns:
+        return np.zeros((np.asarray(f(x)).size, 0))
+    return np.stack(columns, axis=1)
+
+
+# -- the model adapter: a Layer, or a network of them -----------------------------
+
+
+def _parameters(model: Any) -> list[tuple[Any, Parameter]]:
+    """``[(key, Parameter)]`` where ``key`` indexes the model's ``grads``."""
+    if isinstance(model, Layer):
+        return list(model.params.items())
+    return [(p, p) for p in model.parameters()]
+
+
+def _param_name(model: Any, key: Any, p: Parameter) -> str:
+    if isinstance(key, str):
+        return repr(key)
+    names = {id(q): n for n, q in getattr(model, "named_parameters", dict)().items()}
+    return repr(names.get(id(p), p.name or f"{p.shape}"))
+
+
+def _name(model: Any) -> str:
+    return repr(model).splitlines()[0] if isinstance(model, Layer) else type(model).__name__
+
+
+def _full(D: np.ndarray, scalar_out: bool, param: bool) -> np.ndarray:
+    """Per-example blocks ``D`` (B, M, N) as the Jacobian of the whole batch.
+
+    A data input only moves its own example's outputs (block diagonal); a
+    parameter moves every example (blocks stacked). When the output is the
+    scalar cost, the examples' rows add up (parameters) or sit side by side
+    (data).
+    """
+    B, M, N = D.shape
+    if param:
+        return D.sum(axis=0) if scalar_out else D.reshape(B * M, N)
+    if scalar_out:
+        return D.reshape(1, B * N)
+    full = np.zeros((B * M, B * N))
+    for b in range(B):
+        full[b * M : (b + 1) * M, b * N : (b + 1) * N] = D[b]
+    return full
+
+
+def _forward_out(model: Any, inputs: list[np.ndarray]) -> np.ndarray:
+    return np.array(model.forward(*inputs), dtype=np.float64)
+
+
+class _Checker:
+    def __init__(self, name: str, rtol: float, atol: float) -> None:
+        self.report = GradcheckReport(name)
+        self.rtol, self.atol = rtol, atol
+
+    def compare(self, what: str, analytic: Any, numeric: Any) -> None:
+        a = np.asarray(analytic, dtype=np.float64).ravel()
+        n = np.asarray(numeric, dtype=np.float64).ravel()
+        if a.shape != n.shape:
+            raise GradcheckError(
+                f"gradcheck {self.report.name}: {what}: analytic has {a.size} entries, "
+                f"numeric has {n.size}"
+            )
+        scale = max(1.0, float(np.abs(n).max(initial=0.0)))
+        err = np.abs(a - n)
+        allowed = self.atol * scale + self.rtol * np.abs(n)
+        rel = err / (np.abs(n) + self.atol * scale)
+        self.report.checks[what] = float(rel.max(initial=0.0))
+        if not np.all(err <= allowed):  # also catches NaN
+            worst = np.argsort(-np.nan_to_num(err / allowed, nan=np.inf))[:6]
+            rows = [f"  {'entry':>8} {'analytic':>22} {'numeric':>22} {'abs err':>10} {'rel err':>10}"]
+            rows += [
+                f"  {i:>8} {a[i]:>22.15g} {n[i]:>22.15g} {err[i]:>10.2e} {rel[i]:>10.2e}"
+                for i in worst
+            ]
+            raise GradcheckError(
+                f"gradcheck {self.report.name}: {what} disagree "
+                f"(rtol={self.rtol:g}, atol={self.atol:g}×{scale:.3g}); worst entries:\n"
+                + "\n".join(rows)
+            )
+
+
+def gradcheck(
+    model: Any,
+    *inputs: Any,
+    g_out: Any = None,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    seed: int = 0,
+) -> GradcheckReport:
+    """The three-way check of a layer or a network at ``inputs``.
+
+    ``model`` is a ``Layer`` or any network with the same protocol
+    (``Sequential``): ``forward(*inputs)``, ``backward(g_out)`` returning
+    ``(g_in, grads)``, ``jacobians()`` and ``parameters()``. Integer inputs are
+    labels and get no gradient. Everything must be float64: finite differences
+    in float32 are too coarse to prove anything.
+
+    ``g_out`` defaults to a random array (seeded by ``seed``) of the output's
+    shape. Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
+    disagreement. The model is left at its operating point at ``inputs``.
+    """
+    name = _name(model)
+    xs = [np.asarray(x) for x in inputs]
+    for i, x in enumerate(xs):
+        if not np.issubdtype(x.dtype, np.integer) and x.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: input {i} is {x.dtype}; gradcheck runs in float64 "
+                f"(finite differences in float32 prove nothing)"
+            )
+    params = _parameters(model)
+    for key, p in params:
+        if p.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: parameter {_param_name(model, key, p)} is "
+                f"{p.dtype}; build the model with dtype=np.float64 to check it"
+            )
+    rng = np.random.default_rng(seed)
+    check = _Checker(name, rtol, atol)
+    try:
+        out = _forward_out(model, xs)
+        scalar_out = out.ndim == 0
+        v = rng.standard_normal(out.shape) if g_out is None else np.asarray(g_out, np.float64)
+        g_in, grads = model.backward(v if v.ndim else np.asarray(v))
+        g_in = g_in if isinstance(g_in, tuple) else (g_in,)
+        L_x, L_theta = model.jacobians()
+        L_x = L_x if isinstance(L_x, tuple) else (L_x,)
+        v_flat = v.ravel()
+
+        for i, x in enumerate(xs):
+            if np.issubdtype(x.dtype, np.integer):
+                continue
+            what = f"input {i}"
+            L = L_x[i]
+
+            def f_x(xi: np.ndarray, i: int = i) -> np.ndarray:
+                return _forward_out(model, xs[:i] + [xi] + xs[i + 1 :])
+
+            _check_one(check, what, L, g_in[i], f_x, x, v, v_flat, scalar_out, False, eps, rng)
+
+        for key, p in params:
+            what = f"parameter {_param_name(model, key, p)}"
+            original = p.value
+
+            def f_p(value: np.ndarray, p: Parameter = p) -> np.ndarray:
+                p.value = value
+                return _forward_out(model, xs)
+
+            try:
+                _check_one(
+                    check, what, L_theta[key], grads[key], f_p, original, v, v_flat,
+                    scalar_out, True, eps, rng,
+                )
+            finally:
+                p.value = original
+    finally:
+        model.forward(*xs)
+    return check.report
+
+
+def _check_one(
+    check: _Checker,
+    what: str,
+    L: Jacobian,
+    fast: np.ndarray,
+    f: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    v: np.ndarray,
+    v_flat: np.ndarray,
+    scalar_out: bool,
+    param: bool,
+    eps: float,
+    rng: np.random.Generator,
+) -> None:
+    """Fast path, explicit Jacobian and finite differences for one input."""
+    if fast is None:
+        raise GradcheckError(f"gradcheck {check.report.name}: backward gave no gradient for {what}")
+    if np.shape(fast) != x.shape:
+        raise GradcheckError(
+            f"gradcheck {check.report.name}: gradient for {what} has shape {np.shape(fast)}, "
+            f"expected {x.shape}"
+        )
+    full = _full(L.to_dense(), scalar_out, param)
+    numeric = numerical_jacobian(f, x, eps)
+    check.compare(f"{what}: explicit Jacobian vs finite differences", full, numeric)
+    explicit = v_flat @ full
+    check.compare(f"{what}: fast backward vs explicit g·L", fast, explicit)
+    check.compare(f"{what}: fast backward vs finite differences", fast, v_flat @ numeric)
+    # The dot-product test: <v, L u> from the forward product equals <v L, u>.
+    u = rng.standard_normal(x.shape)
+    B = L.batch
+    u_rows = np.broadcast_to(u.ravel(), (B, u.size)) if param else u.reshape(B, -1)
+    Lu = L.jvp(np.ascontiguousarray(u_rows))
+    lhs = float(v_flat.sum() * Lu.sum()) if scalar_out else float(np.sum(v.reshape(B, -1) * Lu))
+    rhs = float(np.sum(np.asarray(fast) * u))
+    check.compare(f"{what}: dot-product test <v, L u> vs <v L, u>", rhs, lhs)

@@ -1,0 +1,311 @@
+"""The layer protocol: ``Parameter`` and ``Layer``.
+
+A layer is ``x_out = f(x_in, θ)`` (eq. 14.1). ``forward`` evaluates it and
+caches the operating point ``[x_in, θ]``; ``backward`` and ``jacobians`` are
+evaluated at that point:
+
+- ``backward(g_out)`` returns ``(g_in, grads)`` with ``g_in = g_out L^x``
+  (eq. 14.10) and ``grads[name] = g_out L^θ`` (eq. 14.8) summed over the batch
+  (eq. 14.11), in the parameter's own shape. This is the fast path.
+- ``jacobians()`` returns ``(L_x, {name: L_theta})``, the explicit Jacobians as
+  structured objects (``backprop.jacobian``).
+
+Shapes, stated once: data arrays are ``(B, *shape)`` with the batch on axis 0;
+``g_out`` has ``x_out``'s shape and ``g_in`` has ``x_in``'s shape; per example
+``L^x`` is ``(|x_out|, |x_in|)`` and ``L^θ`` is ``(|x_out|, |θ|)``.
+
+Rules every layer follows, enforced here once:
+
+- data must be floating point (float32 or float64); integer data raise a
+  ``TypeError`` that says how to convert it (integer class labels are the one
+  exception, declared by the layer);
+- a layer never changes the dtype of what flows through it;
+- ``forward`` copies an input array the caller could still change, and marks its
+  own outputs read-only, so no later mutation can corrupt the gradients;
+- a call that fails changes nothing: validation happens before any state is set.
+
+A subclass writes only the math: ``_forward``, ``_backward`` (optional: the
+default multiplies through the Jacobians) and ``_jacobians``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from backprop.jacobian import Jacobian
+
+__all__ = ["FLOAT_DTYPES", "Layer", "Loss", "OperatingPoint", "Parameter", "check_float"]
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Parameter:
+    """A free parameter θ (chapter 14.1): an array set by learning.
+
+    ``value`` may be replaced by an array of the same shape and dtype (the
+    optimizers do this). Passing one Parameter to several layers ties them
+    (chapter 14.8): their gradients add up.
+    """
+
+    def __init__(self, value: Any, name: str | None = None) -> None:
+        array = np.array(value, copy=True)
+        if array.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"Parameter{f' {name!r}' if name else ''}: value has dtype {array.dtype}; "
+                f"parameters are float32 or float64 (use np.asarray(value, dtype=np.float64))"
+            )
+        self._value = array
+        self.name = name
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._value
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        new = np.asarray(new)
+        if new.shape != self._value.shape:
+            raise ValueError(
+                f"{self!r}: new value has shape {new.shape}, expected {self._value.shape}"
+            )
+        if new.dtype != self._value.dtype:
+            raise TypeError(
+                f"{self!r}: new value has dtype {new.dtype}, expected {self._value.dtype}"
+            )
+        self._value = new
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._value.shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._value.dtype
+
+    @property
+    def size(self) -> int:
+        return int(self._value.size)
+
+    def __repr__(self) -> str:
+        name = f" {self.name!r}" if self.name else ""
+        return f"Parameter{name} {self.shape} {self.dtype.name}"
+
+
+class OperatingPoint:
+    """What ``forward`` caches: the inputs, the parameter values, the output.
+
+    A layer may keep more here (``op.saved``) when recomputing it in backward
+    would cost more than storing it.
+    """
+
+    __slots__ = ("x_in", "theta", "x_out", "saved")
+
+    def __init__(self, x_in: tuple[np.ndarray, ...], theta: dict[str, np.ndarray]) -> None:
+        self.x_in = x_in
+        self.theta = theta
+        self.x_out: Any = None
+        self.saved: dict[str, Any] = {}
+
+
+def check_float(where: str, what: str, x: Any, dtype: np.dtype[Any] | None = None) -> np.ndarray:
+    """``x`` as a float array, or a clear ``TypeError`` naming ``where`` and ``what``."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        kind = "integer" if np.issubdtype(x.dtype, np.integer) else "non-float"
+        raise TypeError(
+            f"{where}: {what} has {kind} dtype {x.dtype} (shape {x.shape}); layers take "
+            f"float32 or float64 data: convert with x.astype(np.float64)"
+        )
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(
+            f"{where}: {what} is {x.dtype.name} but the layer works in {dtype.name}; a layer "
+            f"never changes the dtype of its data: convert with x.astype(np.{dtype.name})"
+        )
+    return x
+
+
+def _owned(x: np.ndarray) -> np.ndarray:
+    """A read-only array whose contents nobody else can change."""
+    if x.flags.writeable:
+        x = x.copy()
+        x.flags.writeable = False
+    return x
+
+
+class Layer:
+    """One node of a computation: ``x_out = f(x_in, θ)``.
+
+    Class attributes a subclass may set:
+
+    - ``inputs``: names of the positional inputs (``("x_in",)`` by default);
+    - ``label_inputs``: names among them that hold integer labels (no gradient).
+    """
+
+    inputs: tuple[str, ...] = ("x_in",)
+    label_inputs: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.params: dict[str, Parameter] = {}
+        self._op: OperatingPoint | None = None
+
+    # -- the public protocol --------------------------------------------------
+    def forward(self, *x_in: Any) -> np.ndarray:
+        """Evaluate the layer on a batch and cache the operating point."""
+        arrays = self._validate_inputs(x_in)
+        op = OperatingPoint(arrays, {name: p.value for name, p in self.params.items()})
+        x_out = self._forward(op, *arrays)
+        if isinstance(x_out, np.ndarray) and x_out.flags.writeable:
+            x_out.flags.writeable = False
+        op.x_out = x_out
+        self._op = op
+        return x_out
+
+    def backward(self, g_out: Any = None, *, input_grad: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
+        """``(g_in, grads)`` at the cached operating point (eq. 14.8, 14.10).
+
+        ``g_in`` is one array for a one-input layer and a tuple for several
+        (``None`` for an input with no gradient, such as integer labels, and for
+        every input when ``input_grad=False``). ``grads`` maps each parameter
+        name to ``dJ/dθ`` in the parameter's shape, summed over the batch.
+        """
+        op = self._operating_point("backward")
+        g = self._validate_g_out(op, g_out)
+        return self._backward(op, g, input_grad)
+
+    def jacobians(self) -> tuple[Any, dict[str, Jacobian]]:
+        """``(L_x, {name: L_theta})`` at the cached operating point.
+
+        ``L_x`` is one Jacobian for a one-input layer and a tuple for several.
+        """
+        op = self._operating_point("jacobians")
+        return self._jacobians(op)
+
+    # -- what a subclass writes ----------------------------------------------
+    def _forward(self, op: OperatingPoint, *x_in: np.ndarray) -> np.ndarray:
+        raise NotImplementedError  # abstract
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
+        raise NotImplementedError  # abstract
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        """Default: multiply through the structured Jacobians."""
+        L_x, L_theta = self._jacobians(op)
+        B = g_out.shape[0] if g_out.ndim else op.x_in[0].shape[0]
+        g = g_out.reshape(B, -1) if g_out.ndim else np.full((B, 1), g_out, dtype=g_out.dtype)
+        grads = {
+            name: L.vjp_sum(g).reshape(self.params[name].shape) for name, L in L_theta.items()
+        }
+        if not input_grad:
+            return (None if len(self.inputs) == 1 else (None,) * len(self.inputs)), grads
+        if len(self.inputs) == 1:
+            return L_x.vjp(g).reshape(op.x_in[0].shape), grads
+        g_in = tuple(
+            None if L is None else L.vjp(g).reshape(x.shape)
+            for L, x in zip(L_x, op.x_in, strict=True)
+        )
+        return g_in, grads
+
+    def _check(self, *x_in: np.ndarray) -> None:
+        """Layer-specific checks of the input shapes (raise ``ValueError``)."""
+
+    def _dtype(self) -> np.dtype[Any] | None:
+        """The dtype the layer's data must have (that of its parameters), if any."""
+        for p in self.params.values():
+            return p.dtype
+        return None
+
+    # -- validation, once for every layer ------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _validate_inputs(self, x_in: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        if len(x_in) != len(self.inputs):
+            need = ", ".join(self.inputs)
+            raise TypeError(f"{self.name}.forward takes {len(self.inputs)} input(s) ({need}), got {len(x_in)}")
+        dtype = self._dtype()
+        arrays = []
+        for what, x in zip(self.inputs, x_in, strict=True):
+            if what in self.label_inputs:
+                x = np.asarray(x)
+                if not np.issubdtype(x.dtype, np.integer):
+                    raise TypeError(
+                        f"{self.name}: {what} must be integer class labels, got dtype {x.dtype} "
+                        f"(shape {x.shape})"
+                    )
+            else:
+                x = check_float(self.name, what, x, dtype)
+                if dtype is None:
+                    dtype = x.dtype
+            if x.ndim == 0:
+                raise ValueError(
+                    f"{self.name}: {what} is a scalar; layers take a batch of shape (B, ...)"
+                )
+            arrays.append(_owned(x))
+        if any(x.shape[0] != arrays[0].shape[0] for x in arrays):
+            shapes = ", ".join(f"{w} {x.shape}" for w, x in zip(self.inputs, arrays, strict=True))
+            raise ValueError(f"{self.name}: inputs have different batch sizes: {shapes}")
+        self._check(*arrays)
+        return tuple(arrays)
+
+    def _operating_point(self, what: str) -> OperatingPoint:
+        if self._op is None:
+            raise RuntimeError(
+                f"{self!r}: {what}() needs the operating point that forward() caches; "
+                f"call forward() first"
+            )
+        return self._op
+
+    def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
+        if g_out is None:
+            raise TypeError(f"{self.name}.backward needs g_out = dJ/dx_out, shape {op.x_out.shape}")
+        g = check_float(self.name, "g_out", g_out, op.x_out.dtype)
+        if g.shape != op.x_out.shape:
+            raise ValueError(
+                f"{self.name}.backward: g_out has shape {g.shape}, but x_out has shape "
+                f"{op.x_out.shape}; g_out = dJ/dx_out must have x_out's shape"
+            )
+        return g
+
+    def expect_features(self, what: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Raise a ``ValueError`` unless one example of ``x`` has ``shape``."""
+        if x.shape[1:] != shape:
+            hint = " (add a batch axis: x[None])" if x.shape == shape else ""
+            raise ValueError(
+                f"{self!r}: {what} has shape {x.shape}, expected (B, {', '.join(map(str, shape))})"
+                f"{hint}"
+            )
+
+    def parameters(self) -> list[Parameter]:
+        return list(dict.fromkeys(self.params.values()))
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+class Loss(Layer):
+    """A layer whose output is the cost ``J``: a scalar, the mean of the
+    per-example losses over the batch (eq. 14.11).
+
+    Its ``backward()`` needs no argument: ``g_out = dJ/dJ = 1``. Its per-example
+    ``L^x`` has one row, ``∂J/∂x_in[b]``, which already carries the ``1/B``.
+    """
+
+    inputs = ("y_hat", "y")
+
+    def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
+        if g_out is None:
+            return np.ones((), dtype=op.x_out.dtype)
+        g = check_float(self.name, "g_out", g_out, op.x_out.dtype)
+        if g.shape != ():
+            raise ValueError(
+                f"{self.name}.backward: g_out has shape {g.shape}, but the loss is a scalar; "
+                f"pass a scalar or nothing (g_out = dJ/dJ = 1)"
+            )
+        return g

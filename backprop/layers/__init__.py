@@ -1,0 +1,24 @@
+"""The layers, one module per family."""
+
+from backprop.layers.linear import Linear
+from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
+from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
+from backprop.layers.structure import Add, Branch, Flatten, Merge, Multiply, Reshape
+
+__all__ = [
+    "Add",
+    "Branch",
+    "Flatten",
+    "L2Loss",
+    "LeakyReLU",
+    "Linear",
+    "Merge",
+    "Multiply",
+    "Pointwise",
+    "ReLU",
+    "Reshape",
+    "Sigmoid",
+    "SoftmaxCrossEntropy",
+    "Softplus",
+    "Tanh",
+]

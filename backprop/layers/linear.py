@@ -1,0 +1,107 @@
+"""The linear layer (chapter 14.6.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from backprop.jacobian import Dense, Identity, Jacobian, Kronecker
+from backprop.layer import Layer, OperatingPoint, Parameter
+
+
+def _as_parameter(where: str, value: Any, shape: tuple[int, ...], dtype: Any) -> Parameter:
+    p = value if isinstance(value, Parameter) else Parameter(np.asarray(value, dtype=dtype))
+    if p.shape != shape:
+        raise ValueError(f"{where}: expected shape {shape}, got {p.shape}")
+    if p.dtype != np.dtype(dtype):
+        raise TypeError(f"{where}: expected dtype {np.dtype(dtype).name}, got {p.dtype.name}")
+    return p
+
+
+class Linear(Layer):
+    """``x_out = W x_in + b`` per example (eq. 14.12).
+
+    Shapes: ``x_in`` is ``(B, n_in)``, ``x_out`` is ``(B, n_out)``, ``W`` is
+    ``(n_out, n_in)`` and ``b`` is ``(n_out,)``.
+
+    Jacobians: ``L^x = W`` (eq. 14.16), ``L^W = I ⊗ x_inᵀ`` (eq. 14.14) and
+    ``L^b = I`` (eq. 14.17). The fast path is three matrix products over the
+    batch: ``g_in = g_out W`` (eq. 14.18), ``dJ/dW = g_outᵀ x_in`` (eq. 14.29 in
+    ``W``'s shape, the transpose of the chapter's ``x_in g_out``) and
+    ``dJ/db = Σ_b g_out`` (eq. 14.20).
+
+    ``W`` and ``b`` may be given as arrays or as Parameters (to tie layers,
+    chapter 14.8). Otherwise ``W`` and ``b`` are drawn uniformly from
+    ``±1/sqrt(n_in)`` with ``rng``.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        *,
+        bias: bool = True,
+        W: Any = None,
+        b: Any = None,
+        rng: Any = None,
+        dtype: Any = np.float64,
+    ) -> None:
+        super().__init__()
+        for what, n in (("n_in", n_in), ("n_out", n_out)):
+            if not isinstance(n, int | np.integer) or n < 1:
+                raise ValueError(f"Linear: {what} must be a positive integer, got {n!r}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"Linear: dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.n_in, self.n_out = int(n_in), int(n_out)
+        gen = np.random.default_rng(rng)
+        bound = 1.0 / np.sqrt(n_in)
+        if W is None:
+            W = gen.uniform(-bound, bound, size=(n_out, n_in)).astype(dtype)
+        self.params["W"] = _as_parameter(f"{self!r}: W", W, (n_out, n_in), dtype)
+        if b is not None and not bias:
+            raise ValueError("Linear: b was given but bias=False")
+        if bias:
+            if b is None:
+                b = gen.uniform(-bound, bound, size=n_out).astype(dtype)
+            self.params["b"] = _as_parameter(f"{self!r}: b", b, (n_out,), dtype)
+
+    @property
+    def W(self) -> Parameter:
+        return self.params["W"]
+
+    @property
+    def b(self) -> Parameter | None:
+        return self.params.get("b")
+
+    def _check(self, x_in: np.ndarray) -> None:
+        self.expect_features("x_in", x_in, (self.n_in,))
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        W, b = op.theta["W"], op.theta.get("b")
+        x_out = x_in @ W.T
+        if b is not None:
+            x_out += b
+        return x_out
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        (x_in,) = op.x_in
+        W = op.theta["W"]
+        grads = {"W": g_out.T @ x_in}
+        if "b" in op.theta:
+            grads["b"] = g_out.sum(axis=0)
+        return (g_out @ W if input_grad else None), grads
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        (x_in,) = op.x_in
+        B = x_in.shape[0]
+        L_theta: dict[str, Jacobian] = {"W": Kronecker(self.n_out, x_in)}
+        if "b" in op.theta:
+            L_theta["b"] = Identity(self.n_out, B, x_in.dtype)
+        return Dense(op.theta["W"], "W", batch=B), L_theta
+
+    def __repr__(self) -> str:
+        bias = "" if "b" in self.params else ", bias=False"
+        return f"Linear({self.n_in}→{self.n_out}{bias})"

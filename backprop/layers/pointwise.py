@@ -1,0 +1,148 @@
+"""Pointwise nonlinearities (chapter 14.6.2).
+
+A pointwise layer applies a scalar function ``h`` to every entry. Its Jacobian
+is the diagonal matrix ``H' = diag(h'(x_in))`` (eq. 14.30), so the backward
+pass is an elementwise product, ``g_in = g_out * h'(x_in)`` (eq. 14.33). Each
+layer below only says ``h`` and ``h'``; ``h'`` may use the output ``x_out``
+where that is cheaper (``σ' = σ(1 - σ)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.special import expit
+
+from backprop.jacobian import Diagonal, Jacobian
+from backprop.layer import Layer, OperatingPoint
+
+
+class Pointwise(Layer):
+    """``x_out[i] = h(x_in[i])`` for a function ``h`` and its derivative ``dh``.
+
+    Both take and return arrays of any shape, entry by entry. Input and output
+    have the same shape ``(B, *shape)``; per example ``L^x`` is the diagonal
+    ``diag(dh(x_in))`` of size ``|x_in|`` (eq. 14.30).
+    """
+
+    def __init__(
+        self,
+        h: Callable[[np.ndarray], np.ndarray] | None = None,
+        dh: Callable[[np.ndarray], np.ndarray] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        generic = type(self) is Pointwise
+        if generic and not (callable(h) and callable(dh)):
+            raise TypeError(
+                "Pointwise(h, dh) needs the function h and its derivative dh, both callables "
+                "that act entry by entry, e.g. Pointwise(np.sin, np.cos)"
+            )
+        self._h, self._dh = h, dh
+        self._label = name or getattr(h, "__name__", "h")
+
+    @property
+    def name(self) -> str:
+        return self._label if type(self) is Pointwise else type(self).__name__
+
+    # The math: subclasses override these two.
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return self._h(x)  # type: ignore[misc]
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return self._dh(x_in)  # type: ignore[misc]
+
+    def _derivative(self, op: OperatingPoint) -> np.ndarray:
+        x_in, x_out = op.x_in[0], op.x_out
+        d = np.asarray(self.dh(x_in, x_out))
+        if d.shape != x_in.shape:
+            d = np.broadcast_to(d, x_in.shape)
+        if d.dtype != x_in.dtype:
+            d = d.astype(x_in.dtype)
+        return d
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        x_out = np.asarray(self.h(x_in))
+        if x_out.shape != x_in.shape:
+            raise ValueError(
+                f"{self.name}: h returned shape {x_out.shape} for an input of shape {x_in.shape}; "
+                f"a pointwise h must keep the shape"
+            )
+        if x_out.dtype != x_in.dtype:
+            x_out = x_out.astype(x_in.dtype)
+        return x_out
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        return (g_out * self._derivative(op) if input_grad else None), {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        d = self._derivative(op)
+        return Diagonal(d.reshape(d.shape[0], -1), f"{self.name.lower()}'(x_in)"), {}
+
+    def __repr__(self) -> str:
+        return f"{self.name}()" if type(self) is not Pointwise else f"Pointwise({self.name})"
+
+
+class ReLU(Pointwise):
+    """``h(x) = max(x, 0)``; ``h'(x) = 1`` for ``x >= 0``, else 0 (eq. 14.32).
+
+    At ``x = 0`` this follows the chapter and takes ``h'(0) = 1`` (PyTorch takes
+    0; both are subgradients, and the two agree everywhere else).
+    """
+
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0)
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return (x_in >= 0).astype(x_in.dtype)
+
+
+class LeakyReLU(Pointwise):
+    """``h(x) = x`` for ``x >= 0``, else ``slope * x``; ``h'`` is 1 or ``slope``."""
+
+    def __init__(self, slope: float = 0.01) -> None:
+        super().__init__()
+        self.slope = float(slope)
+
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return np.where(x >= 0, x, self.slope * x)
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return np.where(x_in >= 0, 1.0, self.slope).astype(x_in.dtype)
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(slope={self.slope})"
+
+
+class Sigmoid(Pointwise):
+    """``h(x) = 1 / (1 + e^-x)``; ``h'(x) = h(x) (1 - h(x))``."""
+
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return expit(x)
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return x_out * (1 - x_out)
+
+
+class Tanh(Pointwise):
+    """``h(x) = tanh(x)``; ``h'(x) = 1 - tanh(x)²``."""
+
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return np.tanh(x)
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return 1 - x_out * x_out
+
+
+class Softplus(Pointwise):
+    """``h(x) = log(1 + e^x)`` (computed without overflow); ``h'(x) = σ(x)``."""
+
+    def h(self, x: np.ndarray) -> np.ndarray:
+        return np.logaddexp(0, x)
+
+    def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
+        return expit(x_in)

@@ -1,0 +1,201 @@
+"""Layers that shape the graph (chapter 14.7): merge, branch, add, multiply, reshape.
+
+None of them has parameters. Their Jacobians are selections, stacks of
+identities and diagonals, so their backward passes are slicing, summing and
+elementwise products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from backprop.jacobian import Diagonal, Identity, Jacobian, Selection, Tile
+from backprop.layer import Layer, OperatingPoint, check_float
+
+
+class Merge(Layer):
+    """Concatenation of any number of inputs along the feature axis (eq. 14.37).
+
+    Inputs ``(B, *shape_i)`` of any shapes give ``x_out`` of shape
+    ``(B, Σ_i |shape_i|)``: each example's entries, flattened, one input after
+    the other. The Jacobian for input ``i`` selects its block: ``[I; 0]`` for
+    the first of two inputs and ``[0; I]`` for the second (eq. 14.41), so
+    ``g_in^i`` is the matching slice of ``g_out``.
+    """
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"Merge: n must be a positive integer, got {n!r}")
+        self.inputs = tuple(f"x_in[{i}]" for i in range(n))
+
+    def _forward(self, op: OperatingPoint, *x_in: np.ndarray) -> np.ndarray:
+        B = x_in[0].shape[0]
+        return np.concatenate([x.reshape(B, -1) for x in x_in], axis=1)
+
+    def _blocks(self, op: OperatingPoint) -> list[tuple[int, int]]:
+        sizes = [int(np.prod(x.shape[1:], dtype=np.int64)) for x in op.x_in]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        return list(zip(starts, sizes, strict=True))
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        if not input_grad:
+            return (None,) * len(op.x_in), {}
+        g_in = tuple(
+            g_out[:, start : start + size].reshape(x.shape)
+            for (start, size), x in zip(self._blocks(op), op.x_in, strict=True)
+        )
+        return g_in, {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
+        B, m = op.x_out.shape
+        dtype = op.x_out.dtype
+        return tuple(Selection(m, start, size, B, dtype) for start, size in self._blocks(op)), {}
+
+    def __repr__(self) -> str:
+        return f"Merge({len(self.inputs)})"
+
+
+class Branch(Layer):
+    """``n`` copies of the input (eq. 14.38); backward sums the gradients (eq. 14.46).
+
+    ``forward`` returns a tuple of ``n`` arrays, all equal to ``x_in``;
+    ``backward`` takes a tuple of ``n`` gradients (``None`` counts as zero) and
+    returns their sum. The Jacobian of the stacked outputs is ``[I; I; ...]``
+    (eq. 14.45).
+    """
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"Branch: n must be a positive integer, got {n!r}")
+        self.n = n
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> Any:
+        return (x_in,) * self.n
+
+    def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> Any:
+        x = op.x_in[0]
+        if not isinstance(g_out, tuple | list) or len(g_out) != self.n:
+            raise TypeError(
+                f"{self!r}.backward takes a tuple of {self.n} gradients (one per copy, "
+                f"each of shape {x.shape}; None for a copy nobody used)"
+            )
+        gs = []
+        for i, g in enumerate(g_out):
+            if g is None:
+                continue
+            g = check_float(self.name, f"g_out[{i}]", g, x.dtype)
+            if g.shape != x.shape:
+                raise ValueError(
+                    f"{self!r}.backward: g_out[{i}] has shape {g.shape}, expected {x.shape}"
+                )
+            gs.append(g)
+        return gs
+
+    def _backward(self, op: OperatingPoint, g_out: Any, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+        if not input_grad:
+            return None, {}
+        if not g_out:
+            return np.zeros_like(op.x_in[0]), {}
+        total = g_out[0].copy() if len(g_out) > 1 else g_out[0]
+        for g in g_out[1:]:
+            total += g
+        return total, {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        x = op.x_in[0]
+        return Tile(self.n, int(x[0].size), x.shape[0], x.dtype), {}
+
+    def __repr__(self) -> str:
+        return f"Branch({self.n})"
+
+
+class Add(Layer):
+    """``x_out = x_a + x_b`` for two inputs of the same shape; ``L^a = L^b = I``."""
+
+    inputs = ("x_a", "x_b")
+
+    def _check(self, x_a: np.ndarray, x_b: np.ndarray) -> None:
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"Add: x_a has shape {x_a.shape} but x_b has shape {x_b.shape}")
+
+    def _forward(self, op: OperatingPoint, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
+        return x_a + x_b
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+        return ((g_out, g_out) if input_grad else (None, None)), {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
+        x = op.x_in[0]
+        L = Identity(int(x[0].size), x.shape[0], x.dtype)
+        return (L, L), {}
+
+
+class Multiply(Layer):
+    """``x_out = x_a * x_b`` entry by entry; ``L^a = diag(x_b)``, ``L^b = diag(x_a)``."""
+
+    inputs = ("x_a", "x_b")
+
+    def _check(self, x_a: np.ndarray, x_b: np.ndarray) -> None:
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"Multiply: x_a has shape {x_a.shape} but x_b has shape {x_b.shape}")
+
+    def _forward(self, op: OperatingPoint, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
+        return x_a * x_b
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+        x_a, x_b = op.x_in
+        return ((g_out * x_b, g_out * x_a) if input_grad else (None, None)), {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
+        x_a, x_b = op.x_in
+        B = x_a.shape[0]
+        return (Diagonal(x_b.reshape(B, -1), "x_b"), Diagonal(x_a.reshape(B, -1), "x_a")), {}
+
+
+class Reshape(Layer):
+    """Gives each example the shape ``shape`` (one entry may be -1); ``L^x = I``."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = tuple(shape[0])
+        self.shape = tuple(int(s) for s in shape)
+
+    def _check(self, x_in: np.ndarray) -> None:
+        size = int(np.prod(x_in.shape[1:], dtype=np.int64))
+        known = int(np.prod([s for s in self.shape if s != -1], dtype=np.int64))
+        fits = size % known == 0 if -1 in self.shape and known else size == known
+        if not fits:
+            raise ValueError(
+                f"{self!r}: cannot reshape input of shape {x_in.shape} to (B, "
+                f"{', '.join(map(str, self.shape))}): {size} entries per example"
+            )
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        return x_in.reshape(x_in.shape[0], *self.shape)
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+        return (g_out.reshape(op.x_in[0].shape) if input_grad else None), {}
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        x = op.x_in[0]
+        return Identity(int(x[0].size), x.shape[0], x.dtype), {}
+
+    def __repr__(self) -> str:
+        return f"Reshape{self.shape}"
+
+
+class Flatten(Reshape):
+    """Flattens each example to a vector: ``(B, *shape) -> (B, |shape|)``."""
+
+    def __init__(self) -> None:
+        super().__init__(-1)
+
+    def __repr__(self) -> str:
+        return "Flatten()"
