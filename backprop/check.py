@@ -139,7 +139,9 @@ class _Checker:
         self.report.checks[what] = float(rel.max(initial=0.0))
         if not np.all(err <= allowed):  # also catches NaN
             worst = np.argsort(-np.nan_to_num(err / allowed, nan=np.inf))[:6]
-            rows = [f"  {'entry':>8} {'analytic':>22} {'numeric':>22} {'abs err':>10} {'rel err':>10}"]
+            rows = [
+                f"  {'entry':>8} {'analytic':>22} {'numeric':>22} {'abs err':>10} {'rel err':>10}"
+            ]
             rows += [
                 f"  {i:>8} {a[i]:>22.15g} {n[i]:>22.15g} {err[i]:>10.2e} {rel[i]:>10.2e}"
                 for i in worst
@@ -220,8 +222,18 @@ def gradcheck(
 
             try:
                 _check_one(
-                    check, what, L_theta[key], grads[key], f_p, original, v, v_flat,
-                    scalar_out, True, eps, rng,
+                    check,
+                    what,
+                    L_theta[key],
+                    grads[key],
+                    f_p,
+                    original,
+                    v,
+                    v_flat,
+                    scalar_out,
+                    True,
+                    eps,
+                    rng,
                 )
             finally:
                 p.value = original

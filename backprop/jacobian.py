@@ -172,11 +172,11 @@ class Dense(Jacobian):
             if batch is None:
                 raise ValueError("Dense: a shared (M, N) matrix needs the batch size")
             self.shared = True
-            super().__init__(A.shape, batch, A.dtype, label)  # type: ignore[arg-type]
+            super().__init__(A.shape, batch, A.dtype, label)
         elif A.ndim == 3:
             if batch is not None and batch != A.shape[0]:
                 raise ValueError(f"Dense: batch={batch} but A has shape {A.shape}")
-            super().__init__(A.shape[1:], A.shape[0], A.dtype, label)  # type: ignore[arg-type]
+            super().__init__(A.shape[1:], A.shape[0], A.dtype, label)
         else:
             raise ValueError(f"Dense: A must have shape (M, N) or (B, M, N), got {A.shape}")
         self.A = A
@@ -493,7 +493,9 @@ class Sum(Jacobian):
         return sum((t._dense() for t in self.terms[1:]), self.terms[0]._dense())
 
     def to_sparse(self, b: int = 0) -> sp.csr_array:
-        return sp.csr_array(sum((t.to_sparse(b) for t in self.terms[1:]), self.terms[0].to_sparse(b)))
+        return sp.csr_array(
+            sum((t.to_sparse(b) for t in self.terms[1:]), self.terms[0].to_sparse(b))
+        )
 
     def stacked_sparse(self) -> sp.csr_array:
         total = self.terms[0].stacked_sparse()

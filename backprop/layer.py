@@ -30,7 +30,7 @@ default multiplies through the Jacobians) and ``_jacobians``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -164,7 +164,9 @@ class Layer:
         self._op = op
         return x_out
 
-    def backward(self, g_out: Any = None, *, input_grad: bool = True) -> tuple[Any, dict[str, np.ndarray]]:
+    def backward(
+        self, g_out: Any = None, *, input_grad: bool = True
+    ) -> tuple[Any, dict[str, np.ndarray]]:
         """``(g_in, grads)`` at the cached operating point (eq. 14.8, 14.10).
 
         ``g_in`` is one array for a one-input layer and a tuple for several
@@ -185,8 +187,11 @@ class Layer:
         return self._jacobians(op)
 
     # -- what a subclass writes ----------------------------------------------
-    def _forward(self, op: OperatingPoint, *x_in: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # abstract
+    # ``_forward(op, *x_in) -> x_out`` and ``_check(*x_in)`` (optional: checks
+    # of the input shapes, raising ``ValueError``) are declared here, not
+    # defined: each layer writes them with its own named inputs.
+    _forward: Callable[..., Any]
+    _check: Callable[..., None] | None = None
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         raise NotImplementedError  # abstract
@@ -198,9 +203,7 @@ class Layer:
         L_x, L_theta = self._jacobians(op)
         B = g_out.shape[0] if g_out.ndim else op.x_in[0].shape[0]
         g = g_out.reshape(B, -1) if g_out.ndim else np.full((B, 1), g_out, dtype=g_out.dtype)
-        grads = {
-            name: L.vjp_sum(g).reshape(self.params[name].shape) for name, L in L_theta.items()
-        }
+        grads = {name: L.vjp_sum(g).reshape(self.params[name].shape) for name, L in L_theta.items()}
         if not input_grad:
             return (None if len(self.inputs) == 1 else (None,) * len(self.inputs)), grads
         if len(self.inputs) == 1:
@@ -210,9 +213,6 @@ class Layer:
             for L, x in zip(L_x, op.x_in, strict=True)
         )
         return g_in, grads
-
-    def _check(self, *x_in: np.ndarray) -> None:
-        """Layer-specific checks of the input shapes (raise ``ValueError``)."""
 
     def _dtype(self) -> np.dtype[Any] | None:
         """The dtype the layer's data must have (that of its parameters), if any."""
@@ -228,7 +228,9 @@ class Layer:
     def _validate_inputs(self, x_in: Sequence[Any]) -> tuple[np.ndarray, ...]:
         if len(x_in) != len(self.inputs):
             need = ", ".join(self.inputs)
-            raise TypeError(f"{self.name}.forward takes {len(self.inputs)} input(s) ({need}), got {len(x_in)}")
+            raise TypeError(
+                f"{self!r}.forward takes {len(self.inputs)} input(s) ({need}), got {len(x_in)}"
+            )
         dtype = self._dtype()
         arrays = []
         for what, x in zip(self.inputs, x_in, strict=True):
@@ -236,22 +238,23 @@ class Layer:
                 x = np.asarray(x)
                 if not np.issubdtype(x.dtype, np.integer):
                     raise TypeError(
-                        f"{self.name}: {what} must be integer class labels, got dtype {x.dtype} "
+                        f"{self!r}: {what} must be integer class labels, got dtype {x.dtype} "
                         f"(shape {x.shape})"
                     )
             else:
-                x = check_float(self.name, what, x, dtype)
+                x = check_float(repr(self), what, x, dtype)
                 if dtype is None:
                     dtype = x.dtype
             if x.ndim == 0:
                 raise ValueError(
-                    f"{self.name}: {what} is a scalar; layers take a batch of shape (B, ...)"
+                    f"{self!r}: {what} is a scalar; layers take a batch of shape (B, ...)"
                 )
             arrays.append(_owned(x))
         if any(x.shape[0] != arrays[0].shape[0] for x in arrays):
             shapes = ", ".join(f"{w} {x.shape}" for w, x in zip(self.inputs, arrays, strict=True))
-            raise ValueError(f"{self.name}: inputs have different batch sizes: {shapes}")
-        self._check(*arrays)
+            raise ValueError(f"{self!r}: inputs have different batch sizes: {shapes}")
+        if self._check is not None:
+            self._check(*arrays)
         return tuple(arrays)
 
     def _operating_point(self, what: str) -> OperatingPoint:
@@ -264,11 +267,11 @@ class Layer:
 
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
-            raise TypeError(f"{self.name}.backward needs g_out = dJ/dx_out, shape {op.x_out.shape}")
-        g = check_float(self.name, "g_out", g_out, op.x_out.dtype)
+            raise TypeError(f"{self!r}.backward needs g_out = dJ/dx_out, shape {op.x_out.shape}")
+        g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
         if g.shape != op.x_out.shape:
             raise ValueError(
-                f"{self.name}.backward: g_out has shape {g.shape}, but x_out has shape "
+                f"{self!r}.backward: g_out has shape {g.shape}, but x_out has shape "
                 f"{op.x_out.shape}; g_out = dJ/dx_out must have x_out's shape"
             )
         return g
@@ -302,10 +305,10 @@ class Loss(Layer):
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             return np.ones((), dtype=op.x_out.dtype)
-        g = check_float(self.name, "g_out", g_out, op.x_out.dtype)
+        g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
         if g.shape != ():
             raise ValueError(
-                f"{self.name}.backward: g_out has shape {g.shape}, but the loss is a scalar; "
+                f"{self!r}.backward: g_out has shape {g.shape}, but the loss is a scalar; "
                 f"pass a scalar or nothing (g_out = dJ/dJ = 1)"
             )
         return g

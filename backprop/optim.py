@@ -53,7 +53,9 @@ class Optimizer:
                     f"layer's grads use {{layer.params[name]: g for name, g in grads.items()}}"
                 )
             if id(p) not in known:
-                raise ValueError(f"{type(self).__name__}.step: {p!r} is not one this optimizer updates")
+                raise ValueError(
+                    f"{type(self).__name__}.step: {p!r} is not one this optimizer updates"
+                )
             g = np.asarray(g)
             if g.shape != p.shape:
                 raise ValueError(

@@ -41,7 +41,7 @@ class Pointwise(Layer):
                 "that act entry by entry, e.g. Pointwise(np.sin, np.cos)"
             )
         self._h, self._dh = h, dh
-        self._label = name or getattr(h, "__name__", "h")
+        self._label: str = name or str(getattr(h, "__name__", "h"))
 
     @property
     def name(self) -> str:

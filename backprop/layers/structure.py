@@ -97,7 +97,9 @@ class Branch(Layer):
             gs.append(g)
         return gs
 
-    def _backward(self, op: OperatingPoint, g_out: Any, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    def _backward(
+        self, op: OperatingPoint, g_out: Any, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
         if not input_grad:
             return None, {}
         if not g_out:
@@ -127,7 +129,9 @@ class Add(Layer):
     def _forward(self, op: OperatingPoint, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
         return x_a + x_b
 
-    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
         return ((g_out, g_out) if input_grad else (None, None)), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
@@ -148,7 +152,9 @@ class Multiply(Layer):
     def _forward(self, op: OperatingPoint, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
         return x_a * x_b
 
-    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
         x_a, x_b = op.x_in
         return ((g_out * x_b, g_out * x_a) if input_grad else (None, None)), {}
 
@@ -180,7 +186,9 @@ class Reshape(Layer):
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         return x_in.reshape(x_in.shape[0], *self.shape)
 
-    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
         return (g_out.reshape(op.x_in[0].shape) if input_grad else None), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
