@@ -153,15 +153,20 @@ class Layer:
         self._op: OperatingPoint | None = None
 
     # -- the public protocol --------------------------------------------------
-    def forward(self, *x_in: Any) -> np.ndarray:
-        """Evaluate the layer on a batch and cache the operating point."""
+    def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
+        """Evaluate the layer on a batch and cache the operating point.
+
+        ``cache=False`` is inference only: no operating point is kept (the
+        previous one is dropped too), so ``backward`` and ``jacobians`` raise
+        until the next cached ``forward``.
+        """
         arrays = self._validate_inputs(x_in)
         op = OperatingPoint(arrays, {name: p.value for name, p in self.params.items()})
         x_out = self._forward(op, *arrays)
         if isinstance(x_out, np.ndarray) and x_out.flags.writeable:
             x_out.flags.writeable = False
         op.x_out = x_out
-        self._op = op
+        self._op = op if cache else None
         return x_out
 
     def backward(
@@ -185,6 +190,23 @@ class Layer:
         """
         op = self._operating_point("jacobians")
         return self._jacobians(op)
+
+    def per_example_grads(self, g_out: Any = None) -> dict[str, np.ndarray]:
+        """``{name: array (B, *θ.shape)}``: each example's term of ``dJ/dθ``.
+
+        Row ``b`` is ``g_out[b] L^θ_b``, so the rows sum to ``backward``'s
+        gradient (eq. 14.11). They come from the structured Jacobians in one
+        vectorized product per parameter (for ``Linear``, ``g_outᵀ x_in`` becomes
+        ``B`` outer products), never from a Python loop over the examples.
+        """
+        op = self._operating_point("per_example_grads")
+        g = self._validate_g_out(op, g_out)
+        B = op.x_in[0].shape[0]
+        rows = g.reshape(B, -1) if g.ndim else np.full((B, 1), g, dtype=g.dtype)
+        _, L_theta = self._jacobians(op)
+        return {
+            name: L.vjp(rows).reshape(B, *self.params[name].shape) for name, L in L_theta.items()
+        }
 
     # -- what a subclass writes ----------------------------------------------
     # ``_forward(op, *x_in) -> x_out`` and ``_check(*x_in)`` (optional: checks
@@ -305,6 +327,8 @@ class Loss(Layer):
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             return np.ones((), dtype=op.x_out.dtype)
+        if isinstance(g_out, int | float):  # a Python number takes the loss's dtype
+            return np.asarray(g_out, dtype=op.x_out.dtype)
         g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
         if g.shape != ():
             raise ValueError(

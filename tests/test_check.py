@@ -1,0 +1,230 @@
+"""The checker itself: numerical Jacobians are right, and gradcheck can fail.
+
+A gradient checker that cannot fail is worse than none. The meta-tests below plant
+one wrong number (a 0.1 % error) in each place an analytic derivative comes from
+(the fast input gradient, the fast weight gradient, the explicit Jacobian, its
+forward product, a pointwise derivative) and demand a ``GradcheckError``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop.jacobian import Dense, Jacobian
+from backprop.layer import OperatingPoint
+
+# -- numerical_jacobian ------------------------------------------------------------------
+
+
+def test_numerical_jacobian_of_linear_map() -> None:
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3, 4))
+    x = rng.standard_normal(4)
+    x0 = x.copy()
+    J = bp.numerical_jacobian(lambda v: A @ v, x)
+    assert J.shape == (3, 4)
+    np.testing.assert_allclose(J, A, rtol=1e-8, atol=1e-9)
+    np.testing.assert_array_equal(x, x0)  # x is not changed
+
+
+def test_numerical_jacobian_of_cube() -> None:
+    x = np.array([-1.5, 0.5, 2.0])
+    J = bp.numerical_jacobian(lambda v: v**3, x)
+    np.testing.assert_allclose(J, np.diag([6.75, 0.75, 12.0]), rtol=1e-8, atol=1e-8)
+
+
+def test_numerical_jacobian_orders_entries_in_c_order() -> None:
+    # f(X) = Xᵀ for X of shape (2, 3): output entry (j, i) is input entry (i, j).
+    X = np.arange(6.0).reshape(2, 3)
+    J = bp.numerical_jacobian(lambda M: M.T, X)
+    expected = np.zeros((6, 6))
+    for i in range(2):
+        for j in range(3):
+            expected[j * 2 + i, i * 3 + j] = 1.0
+    np.testing.assert_allclose(J, expected, atol=1e-9)
+
+
+def test_numerical_jacobian_of_scalar_function() -> None:
+    x = np.array([[1.0, -2.0], [0.5, 3.0]])
+    J = bp.numerical_jacobian(lambda v: np.sum(v**2), x)
+    np.testing.assert_allclose(J, 2 * x.reshape(1, -1), rtol=1e-8)
+
+
+# -- meta-tests: gradcheck must fail on a wrong derivative -------------------------------
+
+
+class InputGradOff(bp.Linear):
+    """g_in is 0.1 % too large."""
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> Any:
+        g_in, grads = super()._backward(op, g_out, input_grad)
+        return g_in * 1.001, grads
+
+
+class WeightGradOff(bp.Linear):
+    """dJ/dW is 0.1 % too large."""
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> Any:
+        g_in, grads = super()._backward(op, g_out, input_grad)
+        return g_in, {**grads, "W": grads["W"] * 1.001}
+
+
+class BiasGradOff(bp.Linear):
+    """dJ/db misses the batch sum: it is the first example's g_out only."""
+
+    def _backward(self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool) -> Any:
+        g_in, grads = super()._backward(op, g_out, input_grad)
+        return g_in, {**grads, "b": g_out[0].copy()}
+
+
+class JacobianOff(bp.Linear):
+    """The explicit L^x is 0.1 % off (the fast path is right)."""
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        L_x, L_theta = super()._jacobians(op)
+        return Dense(op.theta["W"] * 1.001, batch=L_x.batch), L_theta
+
+
+class _BadJvp(Dense):
+    def jvp(self, u: np.ndarray) -> np.ndarray:
+        return super().jvp(u) * 1.001
+
+
+class JvpOff(bp.Linear):
+    """L^x is right as a matrix, but its forward product ``L u`` is 0.1 % off:
+    only the dot-product test can see it."""
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        L_x, L_theta = super()._jacobians(op)
+        return _BadJvp(op.theta["W"], batch=L_x.batch), L_theta
+
+
+X = np.random.default_rng(0).standard_normal((3, 4))
+
+
+@pytest.mark.parametrize(
+    "cls, what",
+    [
+        (InputGradOff, "input 0: fast backward"),
+        (WeightGradOff, "parameter 'W': fast backward"),
+        (BiasGradOff, "parameter 'b': fast backward"),
+        (JacobianOff, "input 0: explicit Jacobian vs finite differences"),
+        (JvpOff, "input 0: dot-product test"),
+    ],
+    ids=["input-grad", "weight-grad", "bias-grad", "jacobian", "jvp"],
+)
+def test_gradcheck_catches_a_wrong_linear(cls: type[bp.Linear], what: str) -> None:
+    layer = cls(4, 2, rng=1)
+    bp.gradcheck(bp.Linear(4, 2, rng=1), X)  # the same numbers pass in the correct layer
+    with pytest.raises(bp.GradcheckError) as info:
+        bp.gradcheck(layer, X)
+    msg = str(info.value)
+    assert what in msg
+    assert "Linear(4→2)" in msg
+    assert "analytic" in msg and "numeric" in msg
+    assert re.search(r"-?\d+\.\d{4,}", msg), "the message shows the values side by side"
+
+
+def test_gradcheck_catches_a_wrong_pointwise_derivative() -> None:
+    layer = bp.Pointwise(np.sin, np.sin)  # the derivative of sin is not sin
+    with pytest.raises(bp.GradcheckError) as info:
+        bp.gradcheck(layer, X)
+    msg = str(info.value)
+    assert "sin" in msg and "analytic" in msg and "numeric" in msg
+    bp.gradcheck(bp.Pointwise(np.sin, np.cos), X)  # and the right one passes
+
+
+def test_gradcheck_catches_wrong_derivative_in_a_network() -> None:
+    rng = np.random.default_rng(2)
+    bad = bp.Sequential(
+        [bp.Linear(4, 3, rng=rng), bp.Pointwise(np.tanh, np.cos, name="tanh"), bp.Linear(3, 2)]
+    )
+    with pytest.raises(bp.GradcheckError, match="analytic"):
+        bp.gradcheck(bad, X)
+
+
+def test_gradcheck_error_is_an_assertion_error() -> None:
+    assert issubclass(bp.GradcheckError, AssertionError)
+
+
+def test_gradcheck_shows_worst_entries() -> None:
+    with pytest.raises(bp.GradcheckError) as info:
+        bp.gradcheck(WeightGradOff(4, 2, rng=1), X)
+    rows = [line for line in str(info.value).splitlines() if re.match(r"\s+\d+\s", line)]
+    assert rows, "no rows of (entry, analytic, numeric)"
+    for row in rows:
+        _, analytic, numeric, *_ = row.split()
+        a, n = float(analytic), float(numeric)
+        # The planted error: analytic = 1.001 × numeric, up to rounding of the printout.
+        assert a == pytest.approx(1.001 * n, rel=1e-6, abs=1e-9)
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+def test_gradcheck_refuses_float32_input() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        bp.gradcheck(bp.Tanh(), X.astype(np.float32))
+
+
+def test_gradcheck_refuses_float32_parameters() -> None:
+    with pytest.raises(TypeError, match=r"float32.*float64"):
+        bp.gradcheck(bp.Linear(4, 2, dtype=np.float32), X)
+
+
+# -- operating point and report ----------------------------------------------------------
+
+
+def test_gradcheck_leaves_layer_at_operating_point() -> None:
+    lin = bp.Linear(4, 2, rng=3)
+    W0, b0 = lin.W.value.copy(), lin.params["b"].value.copy()
+    lin.forward(X)
+    g = np.random.default_rng(4).standard_normal((3, 2))
+    g_in, grads = lin.backward(g)
+    bp.gradcheck(lin, X)
+    g_in2, grads2 = lin.backward(g)
+    np.testing.assert_array_equal(g_in, g_in2)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], grads2[k])
+    np.testing.assert_array_equal(lin.W.value, W0)
+    np.testing.assert_array_equal(lin.params["b"].value, b0)
+
+
+def test_gradcheck_leaves_network_at_operating_point() -> None:
+    rng = np.random.default_rng(5)
+    net = bp.Sequential([bp.Linear(4, 5, rng=rng), bp.ReLU(), bp.Linear(5, 3, rng=rng)])
+    net.forward(X)
+    g = rng.standard_normal((3, 3))
+    g0, grads = net.backward(g)
+    values = [p.value.copy() for p in net.parameters()]
+    bp.gradcheck(net, X)
+    g0b, gradsb = net.backward(g)
+    np.testing.assert_array_equal(g0, g0b)
+    for p in grads:
+        np.testing.assert_array_equal(grads[p], gradsb[p])
+    for p, v in zip(net.parameters(), values, strict=True):
+        np.testing.assert_array_equal(p.value, v)
+
+
+def test_gradcheck_restores_parameters_after_failure() -> None:
+    layer = WeightGradOff(4, 2, rng=1)
+    W0 = layer.W.value.copy()
+    with pytest.raises(bp.GradcheckError):
+        bp.gradcheck(layer, X)
+    np.testing.assert_array_equal(layer.W.value, W0)
+
+
+def test_report_of_a_correct_layer() -> None:
+    report = bp.gradcheck(bp.Linear(4, 2, rng=6), X)
+    assert isinstance(report, bp.GradcheckReport)
+    assert report.worst < 1e-6
+    names = " | ".join(report.checks)
+    for what in ("input 0", "parameter 'W'", "parameter 'b'", "dot-product"):
+        assert what in names
+    assert len(report.checks) == 3 * 4  # 3 things checked, 4 comparisons each
+    assert "passed" in str(report)

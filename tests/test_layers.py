@@ -1,0 +1,381 @@
+"""One table-driven battery over every layer.
+
+Each row of ``CASES`` says how to build the layer (for a dtype), how to draw its
+inputs (with the layer's own input domain) and how to draw a ``g_out`` for its
+output. Every test below runs on every row, for a batch of 1 and a batch of 4:
+the three-way ``gradcheck``, the dot-product test with the Jacobian objects,
+zero ``g_out`` giving exactly zero gradients, no mutation of ``g_out``, no
+corruption by a caller mutating its inputs, float32 staying float32, shapes of
+the gradients and the Jacobians, and read-only outputs.
+
+Adding a layer to the library means adding one row here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop.layer import Layer
+
+Arrays = tuple[np.ndarray, ...]
+
+
+def normal(*shape: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Inputs drawn from N(0, 1), one array of shape ``(B, *shape)``."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        return (rng.standard_normal((B, *shape)).astype(dtype),)
+
+    return draw
+
+
+def away_from_zero(*shape: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Inputs with ``|x| in [0.1, 2]``: finite differences never straddle a kink at 0."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        size = (B, *shape)
+        x = rng.choice([-1.0, 1.0], size=size) * rng.uniform(0.1, 2.0, size=size)
+        return (x.astype(dtype),)
+
+    return draw
+
+
+def several(*shapes: tuple[int, ...]) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Several float inputs, of shapes ``(B, *shape_i)``."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        return tuple(rng.standard_normal((B, *s)).astype(dtype) for s in shapes)
+
+    return draw
+
+
+def logits_and_labels(C: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        z = (2.0 * rng.standard_normal((B, C))).astype(dtype)
+        return z, rng.integers(0, C, size=B)
+
+    return draw
+
+
+def g_like(rng: np.random.Generator, x_out: Any) -> Any:
+    """A random ``g_out`` of the output's shape and dtype (a tuple for a tuple)."""
+    if isinstance(x_out, tuple):
+        return tuple(g_like(rng, x) for x in x_out)
+    if x_out.ndim == 0:  # a loss: g_out is a scalar
+        return np.asarray(0.75, dtype=x_out.dtype)
+    return rng.standard_normal(x_out.shape).astype(x_out.dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[Any], Layer]  # dtype -> layer
+    inputs: Callable[[np.random.Generator, int, Any], Arrays]  # rng, B, dtype -> inputs
+
+
+CASES = [
+    Case("Linear", lambda dt: bp.Linear(3, 2, rng=0, dtype=dt), normal(3)),
+    Case("Linear-nobias", lambda dt: bp.Linear(4, 3, bias=False, rng=1, dtype=dt), normal(4)),
+    Case("ReLU", lambda dt: bp.ReLU(), away_from_zero(5)),
+    Case("LeakyReLU", lambda dt: bp.LeakyReLU(0.1), away_from_zero(2, 3)),
+    Case("Sigmoid", lambda dt: bp.Sigmoid(), normal(5)),
+    Case("Tanh", lambda dt: bp.Tanh(), normal(2, 2)),
+    Case("Softplus", lambda dt: bp.Softplus(), normal(5)),
+    Case("Pointwise-sin", lambda dt: bp.Pointwise(np.sin, np.cos), normal(4)),
+    Case("L2Loss", lambda dt: bp.L2Loss(), several((3,), (3,))),
+    Case("SoftmaxCrossEntropy", lambda dt: bp.SoftmaxCrossEntropy(), logits_and_labels(4)),
+    Case("Merge-2", lambda dt: bp.Merge(2), several((3,), (2, 2))),
+    Case("Merge-3", lambda dt: bp.Merge(3), several((2,), (3,), (1, 2))),
+    Case("Branch", lambda dt: bp.Branch(3), normal(4)),
+    Case("Add", lambda dt: bp.Add(), several((2, 3), (2, 3))),
+    Case("Multiply", lambda dt: bp.Multiply(), several((2, 3), (2, 3))),
+    Case("Reshape", lambda dt: bp.Reshape(2, 3), normal(6)),
+    Case("Flatten", lambda dt: bp.Flatten(), normal(2, 3)),
+]
+
+BATCHES = [1, 4]
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param
+
+
+@pytest.fixture(params=BATCHES, ids=[f"B{b}" for b in BATCHES])
+def batch(request: pytest.FixtureRequest) -> int:
+    return request.param
+
+
+def setup(case: Case, B: int, dtype: Any = np.float64, seed: int = 0) -> tuple[Layer, Arrays, Any]:
+    """The layer, its inputs, and a g_out for it (after one forward)."""
+    rng = np.random.default_rng(seed)
+    layer = case.make(dtype)
+    xs = case.inputs(rng, B, dtype)
+    out = layer.forward(*xs)
+    return layer, xs, g_like(rng, out)
+
+
+def as_tuple(g_in: Any) -> tuple[Any, ...]:
+    return g_in if isinstance(g_in, tuple) else (g_in,)
+
+
+def is_float(x: np.ndarray) -> bool:
+    return bool(np.issubdtype(x.dtype, np.floating))
+
+
+def flat_rows(g: Any, B: int) -> np.ndarray:
+    """``g_out`` as the ``(B, M)`` rows the Jacobians act on (outputs side by side)."""
+    if isinstance(g, tuple):
+        return np.concatenate([gi.reshape(B, -1) for gi in g], axis=1)
+    if g.ndim == 0:  # scalar cost: every example's row is the same seed
+        return np.full((B, 1), float(g))
+    return g.reshape(B, -1)
+
+
+def copy_g(g: Any) -> Any:
+    return tuple(x.copy() for x in g) if isinstance(g, tuple) else g.copy()
+
+
+def assert_same_results(
+    a: tuple[Any, dict[str, np.ndarray]], b: tuple[Any, dict[str, np.ndarray]]
+) -> None:
+    for x, y in zip(as_tuple(a[0]), as_tuple(b[0]), strict=True):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            np.testing.assert_array_equal(x, y)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        np.testing.assert_array_equal(a[1][name], b[1][name])
+
+
+# -- the three-way check -----------------------------------------------------------------
+
+
+# gradcheck takes one output array; Branch's tuple of outputs is checked by hand below.
+GRADCHECK_CASES = [c for c in CASES if not isinstance(c.make(np.float64), bp.Branch)]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.name for c in GRADCHECK_CASES])
+def test_gradcheck(case: Case, batch: int) -> None:
+    layer, xs, _ = setup(case, batch)
+    report = bp.gradcheck(layer, *xs)
+    assert report.checks, "gradcheck compared nothing"
+    assert report.worst < 1e-5
+
+
+def test_branch_three_ways(batch: int) -> None:
+    """Branch by hand: fast backward = Tile Jacobian = finite differences."""
+    rng = np.random.default_rng(3)
+    n = 3
+    layer = bp.Branch(n)
+    x = rng.standard_normal((batch, 4))
+    outs = layer.forward(x)
+    assert len(outs) == n
+    for o in outs:
+        np.testing.assert_array_equal(o, x)
+    g = tuple(rng.standard_normal(x.shape) for _ in range(n))
+    g_in, grads = layer.backward(g)
+    assert grads == {}
+    np.testing.assert_allclose(g_in, g[0] + g[1] + g[2], rtol=1e-15)
+
+    def stacked(xi: np.ndarray) -> np.ndarray:
+        return np.concatenate([o.reshape(batch, -1) for o in bp.Branch(n).forward(xi)], axis=1)
+
+    numeric = bp.numerical_jacobian(stacked, x)  # (B*n*4, B*4)
+    L_x, L_theta = layer.jacobians()
+    assert L_theta == {}
+    explicit = L_x.block_diagonal().toarray()
+    np.testing.assert_allclose(explicit, numeric, rtol=1e-7, atol=1e-8)
+    g_rows = flat_rows(g, batch)
+    np.testing.assert_allclose(g_in.ravel(), g_rows.ravel() @ numeric, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(g_in, L_x.vjp(g_rows), rtol=1e-15)
+
+
+# -- the dot-product test with the Jacobian objects --------------------------------------
+
+
+def test_dot_product(case: Case, batch: int) -> None:
+    """``<v, L u> = <v L, u>``: forward product of the Jacobian vs the backward pass."""
+    layer, xs, v = setup(case, batch)
+    rng = np.random.default_rng(11)
+    g_in, grads = layer.backward(v)
+    L_x, L_theta = layer.jacobians()
+    v_rows = flat_rows(v, batch)
+    checked = 0
+    for x, L, g in zip(xs, as_tuple(L_x), as_tuple(g_in), strict=True):
+        if not is_float(x):
+            assert L is None and g is None
+            continue
+        u = rng.standard_normal(x.shape)
+        lhs = np.sum(v_rows * L.jvp(u.reshape(batch, -1)))
+        rhs = np.sum(g * u)
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-10, atol=1e-12)
+        checked += 1
+    for name, L in L_theta.items():
+        u = rng.standard_normal(layer.params[name].shape)
+        Lu = L.jvp(np.broadcast_to(u.ravel(), (batch, u.size)).copy())
+        np.testing.assert_allclose(np.sum(v_rows * Lu), np.sum(grads[name] * u), rtol=1e-10)
+        checked += 1
+    assert checked >= 1
+
+
+# -- zero in, zero out; nothing mutated --------------------------------------------------
+
+
+def zeros_like_g(g: Any) -> Any:
+    return tuple(np.zeros_like(x) for x in g) if isinstance(g, tuple) else np.zeros_like(g)
+
+
+def test_zero_g_out_gives_exactly_zero(case: Case, batch: int) -> None:
+    layer, xs, g = setup(case, batch)
+    g_in, grads = layer.backward(zeros_like_g(g))
+    for x, gi in zip(xs, as_tuple(g_in), strict=True):
+        if is_float(x):
+            assert gi.shape == x.shape
+            assert np.all(gi == 0)
+        else:
+            assert gi is None
+    assert grads.keys() == layer.params.keys()
+    for name, grad in grads.items():
+        assert grad.shape == layer.params[name].shape
+        assert np.all(grad == 0)
+
+
+def test_g_out_and_inputs_not_mutated(case: Case, batch: int) -> None:
+    layer, xs, g = setup(case, batch)
+    g_copy, xs_copy = copy_g(g), tuple(x.copy() for x in xs)
+    params_copy = {n: p.value.copy() for n, p in layer.params.items()}
+    layer.backward(g)
+    layer.backward(g, input_grad=False)
+    layer.jacobians()
+    for a, b in zip(as_tuple(g), as_tuple(g_copy), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(xs, xs_copy, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for n, p in layer.params.items():
+        np.testing.assert_array_equal(p.value, params_copy[n])
+
+
+def test_caller_mutating_inputs_cannot_corrupt_gradients(case: Case, batch: int) -> None:
+    layer, xs, g = setup(case, batch)
+    before = layer.backward(g)
+    dense_before = [L.to_dense() for L in as_tuple(layer.jacobians()[0]) if L is not None]
+    for x in xs:  # the caller reuses its buffers
+        x[...] = 0 if not is_float(x) else 123.0
+    after = layer.backward(g)
+    assert_same_results(before, after)
+    dense_after = [L.to_dense() for L in as_tuple(layer.jacobians()[0]) if L is not None]
+    for a, b in zip(dense_before, dense_after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_outputs_are_read_only(case: Case, batch: int) -> None:
+    layer, xs, _ = setup(case, batch)
+    out = layer.forward(*xs)
+    for o in as_tuple(out):
+        assert not o.flags.writeable
+        with pytest.raises(ValueError):
+            o[...] = 0
+
+
+def test_input_grad_false(case: Case, batch: int) -> None:
+    layer, xs, g = setup(case, batch)
+    g_in_full, grads_full = layer.backward(g)
+    g_in, grads = layer.backward(g, input_grad=False)
+    assert all(gi is None for gi in as_tuple(g_in))
+    assert_same_results((None, grads_full), (None, grads))
+
+
+# -- dtypes ------------------------------------------------------------------------------
+
+
+def test_float32_stays_float32_and_matches_float64(case: Case, batch: int) -> None:
+    layer64, xs64, g64 = setup(case, batch, np.float64)
+    layer32, xs32, g32 = setup(case, batch, np.float32)
+    out32 = layer32.forward(*xs32)
+    out64 = layer64.forward(*xs64)
+    for o32, o64 in zip(as_tuple(out32), as_tuple(out64), strict=True):
+        assert o32.dtype == np.float32
+        np.testing.assert_allclose(o32, o64, rtol=1e-4, atol=1e-5)
+    g_in32, grads32 = layer32.backward(g32)
+    g_in64, grads64 = layer64.backward(g64)
+    for x, a, b in zip(xs32, as_tuple(g_in32), as_tuple(g_in64), strict=True):
+        if not is_float(x):
+            continue
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for name in grads64:
+        assert grads32[name].dtype == np.float32
+        np.testing.assert_allclose(grads32[name], grads64[name], rtol=1e-4, atol=1e-5)
+    L_x, L_theta = layer32.jacobians()
+    for L in as_tuple(L_x):
+        if L is not None:
+            assert L.to_dense().dtype == np.float32
+
+
+# -- shapes, with values -----------------------------------------------------------------
+
+
+def test_gradient_shapes(case: Case, batch: int) -> None:
+    layer, xs, g = setup(case, batch)
+    g_in, grads = layer.backward(g)
+    for x, gi in zip(xs, as_tuple(g_in), strict=True):
+        if is_float(x):
+            assert gi.shape == x.shape and gi.dtype == x.dtype
+    assert {n: v.shape for n, v in grads.items()} == {n: p.shape for n, p in layer.params.items()}
+
+
+def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
+    """Per example ``L^x`` is ``(|x_out|, |x_in|)`` and ``L^θ`` is ``(|x_out|, |θ|)``,
+    and example 0's matrix equals the finite differences of example 0's output."""
+    layer, xs, _ = setup(case, batch)
+    out = layer.forward(*xs)
+    outs = as_tuple(out)
+    m = 1 if outs[0].ndim == 0 else sum(o[0].size for o in outs)
+    L_x, L_theta = layer.jacobians()
+
+    def out0(*inputs: np.ndarray) -> np.ndarray:
+        o = case.make(np.float64)
+        for name, p in layer.params.items():
+            o.params[name].value = p.value
+        res = o.forward(*inputs)
+        if isinstance(res, tuple):
+            return np.concatenate([r[0].ravel() for r in res])
+        return res if res.ndim == 0 else res[0].ravel()
+
+    for i, (x, L) in enumerate(zip(xs, as_tuple(L_x), strict=True)):
+        if not is_float(x):
+            assert L is None
+            continue
+        assert L.shape == (m, x[0].size)
+        assert L.batch == batch
+
+        def f(x0: np.ndarray, i: int = i) -> np.ndarray:
+            xi = xs[i].copy()
+            xi[0] = x0
+            return out0(*xs[:i], xi, *xs[i + 1 :])
+
+        numeric = bp.numerical_jacobian(f, xs[i][0])
+        np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
+    assert L_theta.keys() == layer.params.keys()
+    for name, L in L_theta.items():
+        p = layer.params[name]
+        assert L.shape == (m, p.size)
+        assert L.batch == batch
+        original = p.value
+
+        def f_theta(value: np.ndarray, name: str = name) -> np.ndarray:
+            o = case.make(np.float64)
+            for n, q in layer.params.items():
+                o.params[n].value = value if n == name else q.value
+            return o.forward(*xs)[0].ravel()
+
+        numeric = bp.numerical_jacobian(f_theta, original)
+        np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
