@@ -2,7 +2,7 @@
 
 from backprop import jacobian
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
-from backprop.graph import Sequential
+from backprop.graph import Gradients, Graph, Handle, NodeInfo, Sequential
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import (
     Add,
@@ -21,11 +21,20 @@ from backprop.layers import (
     Softplus,
     Tanh,
 )
+from backprop.layers.structure import Constant, Scale, Shift, Sum
 from backprop.optim import SGD
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Constant",
+    "Gradients",
+    "Graph",
+    "Handle",
+    "NodeInfo",
+    "Scale",
+    "Shift",
+    "Sum",
     "SGD",
     "Add",
     "Branch",

@@ -17,16 +17,23 @@ values side by side at the worst entries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from backprop.graph import Graph
 from backprop.jacobian import Jacobian
 from backprop.layer import Layer, Parameter
 
-__all__ = ["GradcheckError", "GradcheckReport", "gradcheck", "numerical_jacobian"]
+__all__ = [
+    "GradcheckError",
+    "GradcheckReport",
+    "gradcheck",
+    "gradcheck_graph",
+    "numerical_jacobian",
+]
 
 
 class GradcheckError(AssertionError):
@@ -161,6 +168,7 @@ def gradcheck(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     seed: int = 0,
+    **named_inputs: Any,
 ) -> GradcheckReport:
     """The three-way check of a layer or a network at ``inputs``.
 
@@ -170,10 +178,30 @@ def gradcheck(
     labels and get no gradient. Everything must be float64: finite differences
     in float32 are too coarse to prove anything.
 
+    ``model`` may also be a ``Graph``, with its inputs by name:
+    ``gradcheck(graph, x=X, y=Y)``, or ``gradcheck(graph, {"x": X, "y": Y})``
+    when an input's name is one of this function's keywords. See
+    ``gradcheck_graph`` for what is compared then.
+
     ``g_out`` defaults to a random array (seeded by ``seed``) of the output's
-    shape. Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
+    shape (for a Graph: the seeds, in any form ``Graph.backward`` takes).
+    Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
     disagreement. The model is left at its operating point at ``inputs``.
     """
+    if isinstance(model, Graph):
+        if len(inputs) > 1 or (inputs and not isinstance(inputs[0], Mapping)):
+            raise TypeError(
+                "gradcheck: a Graph takes its inputs by name, gradcheck(graph, x=X) or "
+                "gradcheck(graph, {'x': X})"
+            )
+        feed = dict(inputs[0]) if inputs else {}
+        feed.update(named_inputs)
+        return gradcheck_graph(model, feed, seeds=g_out, eps=eps, rtol=rtol, atol=atol, seed=seed)
+    if named_inputs:
+        raise TypeError(
+            f"gradcheck: unexpected keyword(s) {', '.join(map(repr, named_inputs))}; inputs "
+            f"by name are for a Graph, a layer takes them positionally"
+        )
     name = _name(model)
     xs = [np.asarray(x) for x in inputs]
     for i, x in enumerate(xs):
@@ -278,3 +306,168 @@ def _check_one(
     lhs = float(v_flat.sum() * Lu.sum()) if scalar_out else float(np.sum(v.reshape(B, -1) * Lu))
     rhs = float(np.sum(np.asarray(fast) * u))
     check.compare(f"{what}: dot-product test <v, L u> vs <v L, u>", rhs, lhs)
+
+
+# -- whole graphs ----------------------------------------------------------------------
+
+
+def gradcheck_graph(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    *,
+    seeds: Any = None,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    seed: int = 0,
+) -> GradcheckReport:
+    """The three-way check of a whole ``Graph`` at ``inputs`` (a dict by input name).
+
+    With seeds ``s_o`` for the outputs (random, drawn with ``seed``, unless
+    given in any form ``Graph.backward`` accepts), the checked function is the
+    scalar ``φ = Σ_o <s_o, output_o>``, whose gradient is exactly what
+    ``backward(seeds)`` returns. For every input that gets a gradient and every
+    Parameter (a tied one is perturbed in all its uses at once, eq. 14.47):
+
+    1. the fast backward equals the explicit one (Algorithm 14.1 with sparse
+       Jacobian matrices), entry by entry;
+    2. both equal float64 central differences of ``φ``;
+    3. the directional derivative of ``φ`` along one random direction of all
+       inputs and parameters together equals ``<gradient, direction>``.
+
+    The graph is left at its operating point at ``inputs``.
+    """
+    name = repr(graph)
+    feed = {k: np.asarray(v) for k, v in inputs.items()}
+    for key, x in feed.items():
+        if not np.issubdtype(x.dtype, np.integer) and x.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: input {key!r} is {x.dtype}; gradcheck runs in float64 "
+                f"(finite differences in float32 prove nothing)"
+            )
+    named = graph.named_parameters()
+    for pname, p in named.items():
+        if p.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: parameter {pname!r} is {p.dtype}; build the graph in "
+                f"float64 to check it"
+            )
+    rng = np.random.default_rng(seed)
+    check = _Checker(name, rtol, atol)
+    outs_names = graph.output_names()
+    try:
+        outs = graph.forward(feed)
+        outs = outs if len(outs_names) > 1 else (outs,)
+        if seeds is None:
+            seed_list: list[Any] = [rng.standard_normal(np.shape(o)) for o in outs]
+        else:
+            seed_list = graph._seeds(seeds)
+        seed_map = {n: s for n, s in zip(outs_names, seed_list, strict=True) if s is not None}
+
+        def phi(**changed: np.ndarray) -> float:
+            values = graph.forward({**feed, **changed}, cache=False)
+            values = values if len(outs_names) > 1 else (values,)
+            return float(
+                sum(
+                    np.vdot(seed_map[n], np.asarray(v, np.float64))
+                    for n, v in zip(outs_names, values, strict=True)
+                    if n in seed_map
+                )
+            )
+
+        graph.forward(feed)
+        fast = graph.backward(seed_map)
+        explicit = graph.backward(seed_map, mode="explicit")
+        if set(fast.inputs) != set(explicit.inputs):
+            raise GradcheckError(
+                f"gradcheck {name}: fast and explicit modes give gradients for different inputs: "
+                f"{sorted(fast.inputs)} vs {sorted(explicit.inputs)}"
+            )
+        direction: list[tuple[np.ndarray, np.ndarray]] = []  # (gradient, direction)
+        for key, g_fast in fast.inputs.items():
+            x = feed[key]
+            what = f"input {key!r}"
+            _compare_shape(check, what, g_fast, x.shape)
+
+            def f_x(v: np.ndarray, key: str = key) -> float:
+                return phi(**{key: v})
+
+            numeric = numerical_jacobian(f_x, x, eps)[0]
+            check.compare(
+                f"{what}: fast backward vs explicit Algorithm 14.1", g_fast, explicit.inputs[key]
+            )
+            check.compare(f"{what}: fast backward vs finite differences", g_fast, numeric)
+            check.compare(
+                f"{what}: explicit Algorithm 14.1 vs finite differences",
+                explicit.inputs[key],
+                numeric,
+            )
+            direction.append((g_fast, rng.standard_normal(x.shape)))
+        for pname, p in named.items():
+            what = f"parameter {pname!r}"
+            g_fast = fast.params[p]
+            _compare_shape(check, what, g_fast, p.shape)
+            original = p.value
+
+            def f_p(value: np.ndarray, p: Parameter = p) -> float:
+                p.value = value
+                return phi()
+
+            try:
+                numeric = numerical_jacobian(f_p, original, eps)[0]
+            finally:
+                p.value = original
+            check.compare(
+                f"{what}: fast backward vs explicit Algorithm 14.1", g_fast, explicit.params[p]
+            )
+            check.compare(f"{what}: fast backward vs finite differences", g_fast, numeric)
+            check.compare(
+                f"{what}: explicit Algorithm 14.1 vs finite differences",
+                explicit.params[p],
+                numeric,
+            )
+            direction.append((g_fast, rng.standard_normal(p.shape)))
+        if direction:
+            _directional(check, graph, feed, named, fast, direction, phi, eps)
+    finally:
+        graph.forward(feed)
+    return check.report
+
+
+def _compare_shape(check: _Checker, what: str, g: Any, shape: tuple[int, ...]) -> None:
+    if np.shape(g) != shape:
+        raise GradcheckError(
+            f"gradcheck {check.report.name}: gradient for {what} has shape {np.shape(g)}, "
+            f"expected {shape}"
+        )
+
+
+def _directional(
+    check: _Checker,
+    graph: Graph,
+    feed: dict[str, np.ndarray],
+    named: dict[str, Parameter],
+    fast: Any,
+    direction: list[tuple[np.ndarray, np.ndarray]],
+    phi: Callable[..., float],
+    eps: float,
+) -> None:
+    """``<∇φ, u>`` against ``(φ(z + εu) - φ(z - εu)) / 2ε``, all inputs and parameters at once."""
+    keys = list(fast.inputs)
+    params = list(named.values())
+    u_in = {k: u for k, (_, u) in zip(keys, direction, strict=False)}
+    u_par = [u for _, u in direction[len(keys) :]]
+    originals = [p.value for p in params]
+
+    def at(t: float) -> float:
+        for p, v, u in zip(params, originals, u_par, strict=True):
+            p.value = v + t * u
+        return phi(**{k: feed[k] + t * u for k, u in u_in.items()})
+
+    try:
+        numeric = (at(eps) - at(-eps)) / (2 * eps)
+    finally:
+        for p, v in zip(params, originals, strict=True):
+            p.value = v
+    analytic = sum(float(np.vdot(g, u)) for g, u in direction)
+    check.compare("all inputs and parameters: directional derivative <∇φ, u>", analytic, numeric)
