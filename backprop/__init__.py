@@ -1,7 +1,10 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import jacobian
+from backprop import jacobian, plot
+from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
+from backprop.checkpoint import load, save
+from backprop.data_grad import input_gradient, optimize_input
 from backprop.graph import Gradients, Graph, Handle, NodeInfo, Sequential
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import (
@@ -21,12 +24,31 @@ from backprop.layers import (
     Softplus,
     Tanh,
 )
+from backprop.layers.backward import VJP, BatchSum, Gate, Slice, WeightGrad
 from backprop.layers.structure import Constant, Scale, Shift, Sum
-from backprop.optim import SGD
+from backprop.optim import SGD, Adam, Optimizer
+from backprop.train import History, accuracy, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VJP",
+    "BatchSum",
+    "Gate",
+    "Slice",
+    "WeightGrad",
+    "backward_graph",
+    "input_gradient",
+    "optimize_input",
+    "Adam",
+    "History",
+    "Optimizer",
+    "accuracy",
+    "fit",
+    "load",
+    "plot",
+    "predict",
+    "save",
     "Constant",
     "Gradients",
     "Graph",

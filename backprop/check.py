@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from backprop.graph import Graph
+from backprop.graph import Graph, _reduces_batch
 from backprop.jacobian import Jacobian
 from backprop.layer import Layer, Parameter
 
@@ -107,15 +107,15 @@ def _full(D: np.ndarray, scalar_out: bool, param: bool) -> np.ndarray:
     """Per-example blocks ``D`` (B, M, N) as the Jacobian of the whole batch.
 
     A data input only moves its own example's outputs (block diagonal); a
-    parameter moves every example (blocks stacked). When the output is the
-    scalar cost, the examples' rows add up (parameters) or sit side by side
-    (data).
+    parameter moves every example (blocks stacked). When the output has no
+    batch axis (the scalar cost, or a layer with ``reduces_batch``), the
+    examples' rows add up (parameters) or sit side by side (data).
     """
     B, M, N = D.shape
     if param:
         return D.sum(axis=0) if scalar_out else D.reshape(B * M, N)
     if scalar_out:
-        return D.reshape(1, B * N)
+        return D.transpose(1, 0, 2).reshape(M, B * N)
     full = np.zeros((B * M, B * N))
     for b in range(B):
         full[b * M : (b + 1) * M, b * N : (b + 1) * N] = D[b]
@@ -221,7 +221,7 @@ def gradcheck(
     check = _Checker(name, rtol, atol)
     try:
         out = _forward_out(model, xs)
-        scalar_out = out.ndim == 0
+        scalar_out = out.ndim == 0 or bool(getattr(model, "reduces_batch", False))
         v = rng.standard_normal(out.shape) if g_out is None else np.asarray(g_out, np.float64)
         g_in, grads = model.backward(v if v.ndim else np.asarray(v))
         g_in = g_in if isinstance(g_in, tuple) else (g_in,)
@@ -230,7 +230,8 @@ def gradcheck(
         v_flat = v.ravel()
 
         for i, x in enumerate(xs):
-            if np.issubdtype(x.dtype, np.integer):
+            # A chain's gradient flows to x only; its later inputs are the loss's targets.
+            if np.issubdtype(x.dtype, np.integer) or (i > 0 and not isinstance(model, Layer)):
                 continue
             what = f"input {i}"
             L = L_x[i]
@@ -303,7 +304,8 @@ def _check_one(
     B = L.batch
     u_rows = np.broadcast_to(u.ravel(), (B, u.size)) if param else u.reshape(B, -1)
     Lu = L.jvp(np.ascontiguousarray(u_rows))
-    lhs = float(v_flat.sum() * Lu.sum()) if scalar_out else float(np.sum(v.reshape(B, -1) * Lu))
+    v_rows = v_flat[None, :] if scalar_out else v.reshape(B, -1)
+    lhs = float(np.sum(v_rows * Lu))
     rhs = float(np.sum(np.asarray(fast) * u))
     check.compare(f"{what}: dot-product test <v, L u> vs <v L, u>", rhs, lhs)
 
@@ -333,7 +335,11 @@ def gradcheck_graph(
        Jacobian matrices), entry by entry;
     2. both equal float64 central differences of ``φ``;
     3. the directional derivative of ``φ`` along one random direction of all
-       inputs and parameters together equals ``<gradient, direction>``.
+       inputs and parameters together equals ``<gradient, direction>``;
+    4. the dot-product test with the whole-graph Jacobians
+       (``Graph.jacobians``): for a random ``u`` per input and Parameter,
+       ``Σ_o <s_o, L_o u>`` from their forward products (``jvp``) equals
+       ``<s L, u>`` from the backward pass.
 
     The graph is left at its operating point at ``inputs``.
     """
@@ -429,6 +435,8 @@ def gradcheck_graph(
             direction.append((g_fast, rng.standard_normal(p.shape)))
         if direction:
             _directional(check, graph, feed, named, fast, direction, phi, eps)
+        graph.forward(feed)  # back to the operating point (φ ran without caching)
+        _jacobian_dot_test(check, graph, seed_map, fast, named, rng)
     finally:
         graph.forward(feed)
     return check.report
@@ -471,3 +479,47 @@ def _directional(
             p.value = v
     analytic = sum(float(np.vdot(g, u)) for g, u in direction)
     check.compare("all inputs and parameters: directional derivative <∇φ, u>", analytic, numeric)
+
+
+def _jacobian_dot_test(
+    check: _Checker,
+    graph: Graph,
+    seed_map: dict[str, np.ndarray],
+    fast: Any,
+    named: dict[str, Parameter],
+    rng: np.random.Generator,
+) -> None:
+    """``<v, L u>`` through the whole-graph Jacobians against ``<v L, u>`` from backward.
+
+    Per example the Jacobians map one example's input (or all of ``θ``) to one
+    example's output; an output without a batch axis (a cost) is the sum of
+    the examples' rows, so its seed multiplies every row.
+    """
+    B = graph._batch_size()
+    outputs = cast(list, graph._outputs)
+    directions: dict[Any, tuple[str, np.ndarray, np.ndarray, bool]] = {}
+    for key, g in fast.inputs.items():
+        directions[key] = (f"input {key!r}", g, rng.standard_normal(np.shape(g)), False)
+    for pname, p in named.items():
+        directions[p] = (f"parameter {pname!r}", fast.params[p], rng.standard_normal(p.shape), True)
+    lhs = dict.fromkeys(directions, 0.0)
+    for name, src in zip(graph.output_names(), outputs, strict=True):
+        if name not in seed_map:
+            continue
+        s = np.asarray(seed_map[name], dtype=np.float64)
+        ins, params = graph.jacobians(name)
+        node_layer = graph._nodes[src[0]].layer
+        if s.ndim == 0 or _reduces_batch(node_layer, src[1]):
+            v = np.broadcast_to(s.reshape(1, -1), (B, s.size))
+        else:
+            v = s.reshape(B, -1)
+        for key, (_, _, u, is_param) in directions.items():
+            L = params[key] if is_param else ins[key]
+            rows = np.broadcast_to(u.reshape(1, -1), (B, u.size)) if is_param else u.reshape(B, -1)
+            lhs[key] += float(np.sum(v * L.jvp(np.ascontiguousarray(rows))))
+    for key, (what, g, u, _) in directions.items():
+        check.compare(
+            f"{what}: dot-product test <s, L u> (graph Jacobians) vs <s L, u> (backward)",
+            float(np.vdot(np.asarray(g, np.float64), u)),
+            lhs[key],
+        )

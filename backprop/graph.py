@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from backprop.jacobian import Jacobian, explicit_vjp
+from backprop.jacobian import Dense, Identity, Jacobian, explicit_vjp
 from backprop.layer import FLOAT_DTYPES, Layer, Loss, OperatingPoint, Parameter, check_float
 from backprop.layers.structure import Branch, Merge
 
@@ -123,7 +123,8 @@ class Sequential:
         if per_example and mode != "fast":
             raise ValueError("Sequential.backward: per_example=True runs in mode='fast' only")
         for i, layer in enumerate(self.layers):
-            layer._operating_point(f"backward (layer {i} of the Sequential)")
+            if layer._op is None:  # the message is built only when it is needed
+                layer._operating_point(f"backward (layer {i} of the Sequential)")
         grads: dict[Parameter, np.ndarray] = {}
         g = g_L
         for i in range(len(self.layers) - 1, -1, -1):
@@ -165,24 +166,53 @@ class Sequential:
         return explicit_vjp(L, g).reshape(x_in.shape), grads  # line 12
 
     # -- whole-chain Jacobians ----------------------------------------------------
-    def jacobians(self) -> tuple[Jacobian, dict[Parameter, Jacobian]]:
+    def jacobians(self, *, order: str = "auto") -> tuple[Jacobian, dict[Parameter, Jacobian]]:
         """``(∂x_L/∂x_0, {θ: ∂x_L/∂θ})`` at the cached operating point.
 
-        Both are chained from the per-layer structured Jacobians (eq. 14.2),
-        from the output side, so each product is shared by all the layers below
-        it (the reuse of chapter 14.2). A tied Parameter gets the sum of its uses.
+        Both are chained from the per-layer structured Jacobians (eq. 14.2). A
+        tied Parameter gets the sum of its uses (eq. 14.47). ``order`` picks the
+        multiplication order, as ``Graph.jacobians`` does: ``"reverse"`` from the
+        output side, so each suffix product is shared by all the layers below it
+        (the reuse of chapter 14.2); ``"forward"`` from the input side, one sweep
+        for ``x_0`` and one per Parameter; ``"auto"`` takes ``"reverse"`` unless
+        one example of ``x_L`` has more entries than ``x_0`` and all the
+        parameters together.
         """
-        suffix: Jacobian | None = None
-        L_theta: dict[Parameter, Jacobian] = {}
-        for layer in reversed(self.layers):
+        if order not in ORDERS:
+            raise ValueError(f"Sequential.jacobians: order must be one of {ORDERS}, got {order!r}")
+        layers = self.layers
+        for i, layer in enumerate(layers):
+            layer._operating_point(f"jacobians (layer {i} of the Sequential)")
+        steps = []
+        for layer in layers:
             L_x, L_th = layer.jacobians()
-            L_x = L_x[0] if isinstance(L_x, tuple) else L_x
+            steps.append((L_x[0] if isinstance(L_x, tuple) else L_x, L_th))
+        if order == "auto":
+            x_out = layers[-1]._op.x_out  # type: ignore[union-attr]
+            M = int(np.prod(x_out.shape[1:], dtype=np.int64)) if x_out.ndim else 1
+            N = steps[0][0].shape[1] + sum(p.size for p in self.parameters())
+            order = "reverse" if M <= N else "forward"
+        L_theta: dict[Parameter, Jacobian] = {}
+        if order == "reverse":
+            suffix: Jacobian | None = None
+            for layer, (L_x, L_th) in zip(reversed(layers), reversed(steps), strict=True):
+                for name, L in L_th.items():
+                    J = L if suffix is None else suffix @ L
+                    p = layer.params[name]
+                    L_theta[p] = L_theta[p] + J if p in L_theta else J
+                suffix = L_x if suffix is None else suffix @ L_x
+            return cast(Jacobian, suffix), L_theta  # the chain is never empty
+        prefix = steps[0][0]
+        for L_x, _ in steps[1:]:
+            prefix = L_x @ prefix
+        for i, (layer, (_, L_th)) in enumerate(zip(layers, steps, strict=True)):
             for name, L in L_th.items():
-                J = L if suffix is None else suffix @ L
+                J = L
+                for L_x, _ in steps[i + 1 :]:
+                    J = L_x @ J
                 p = layer.params[name]
                 L_theta[p] = L_theta[p] + J if p in L_theta else J
-            suffix = L_x if suffix is None else suffix @ L_x
-        return cast(Jacobian, suffix), L_theta  # the chain is never empty
+        return prefix, L_theta
 
     # -- parameters and text --------------------------------------------------------
     def named_parameters(self) -> dict[str, Parameter]:
@@ -364,10 +394,15 @@ def _leaf_layers(layer: Any) -> list[Layer]:
 
 
 def _batch_rows(layer: Layer, op: OperatingPoint, g_out: np.ndarray) -> np.ndarray:
-    """``g_out`` as the ``(B, M)`` rows that the Jacobian products take."""
-    if g_out.ndim:
+    """``g_out`` as the ``(B, M)`` rows that the Jacobian products take.
+
+    An output with no batch axis (a loss, a layer with ``reduces_batch``) is the
+    sum of the examples' terms, so each example's row is all of ``g_out``.
+    """
+    if g_out.ndim and not getattr(layer, "reduces_batch", False):
         return g_out.reshape(g_out.shape[0], -1)
-    return np.full((op.x_in[0].shape[0], 1), g_out, dtype=g_out.dtype)
+    B = op.x_in[0].shape[0]
+    return np.ascontiguousarray(np.broadcast_to(g_out.reshape(1, -1), (B, max(g_out.size, 1))))
 
 
 def _explicit_layer_step(
@@ -409,6 +444,129 @@ def _fast_layer_step(
 ) -> tuple[tuple[np.ndarray | None, ...], dict[str, np.ndarray]]:
     g_in, grads = layer.backward(g_out, input_grad=input_grad)
     return (g_in if isinstance(g_in, tuple) else (g_in,)), grads
+
+
+def _per_example_layer_step(
+    layer: Layer, g_out: Any, input_grad: bool
+) -> tuple[tuple[np.ndarray | None, ...], dict[str, np.ndarray]]:
+    """The fast step, with each parameter gradient as ``B`` per-example terms."""
+    if not layer.params:
+        return _fast_layer_step(layer, g_out, input_grad)
+    terms = layer.per_example_grads(g_out)
+    if not input_grad:
+        return (None,) * len(layer.inputs), terms
+    g_in, _ = _fast_layer_step(layer, g_out, True)
+    return g_in, terms
+
+
+_LAYER_STEPS = {"fast": _fast_layer_step, "explicit": _explicit_layer_step}
+
+# -- whole-graph Jacobians: one node's step, backward (suffixes) and forward (prefixes) --
+
+ORDERS = ("auto", "reverse", "forward")
+_JacCache = dict[int, tuple[Any, dict[str, Jacobian]]]
+
+
+def _reduces_batch(layer: Any, port: int = 0) -> bool:
+    """True when output ``port`` of ``layer`` has no batch axis (a sum over the batch)."""
+    if isinstance(layer, Sequential):
+        layer = layer.layers[-1]
+    if isinstance(layer, Graph):
+        src = cast(list, layer._outputs)[port]
+        return _reduces_batch(layer._nodes[src[0]].layer, src[1])
+    return bool(getattr(layer, "reduces_batch", False))
+
+
+def _layer_jacobians(layer: Layer, cache: _JacCache) -> tuple[tuple[Any, ...], dict[str, Jacobian]]:
+    """``layer.jacobians()`` once per layer, with ``L_x`` always a tuple."""
+    if id(layer) not in cache:
+        L_x, L_theta = layer.jacobians()
+        cache[id(layer)] = (L_x if isinstance(L_x, tuple) else (L_x,), L_theta)
+    return cache[id(layer)]
+
+
+def _plus(a: Jacobian | None, b: Jacobian | None) -> Jacobian | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _node_jacobians_back(
+    layer: Any,
+    outs: list[Jacobian | None],
+    need_in: list[bool],
+    by_param: dict[Parameter, Jacobian],
+    cache: _JacCache,
+) -> list[Jacobian | None]:
+    """Suffixes ``∂out/∂x_in`` of one node from those of its outputs; adds ``∂out/∂θ``."""
+    if isinstance(layer, Branch):  # each copy is I: the paths add (eq. 14.46)
+        total = None
+        for J in outs:
+            total = _plus(total, J)
+        return [total]
+    if isinstance(layer, Layer):
+        S = cast(Jacobian, outs[0])
+        L_xs, L_theta = _layer_jacobians(layer, cache)
+        for name, L in L_theta.items():
+            p = layer.params[name]
+            by_param[p] = cast(Jacobian, _plus(by_param.get(p), S @ L))
+        return [
+            S @ L if (L is not None and need) else None
+            for L, need in zip(L_xs, need_in, strict=True)
+        ]
+    if isinstance(layer, Sequential):
+        S = cast(Jacobian, outs[0])
+        targets: list[Jacobian | None] = []
+        last = len(layer.layers) - 1
+        for idx in range(last, -1, -1):
+            L_xs, L_theta = _layer_jacobians(layer.layers[idx], cache)
+            for name, L in L_theta.items():
+                p = layer.layers[idx].params[name]
+                by_param[p] = cast(Jacobian, _plus(by_param.get(p), S @ L))
+            if idx == last:
+                targets = [
+                    S @ L if (L is not None and need) else None
+                    for L, need in zip(L_xs[1:], need_in[1:], strict=True)
+                ]
+            if idx == 0 and not need_in[0]:
+                return [None, *targets]
+            S = S @ L_xs[0]
+        return [S, *targets]
+    inner: Graph = layer
+    seeds = {
+        src: J for src, J in zip(cast(list, inner._outputs), outs, strict=True) if J is not None
+    }
+    ins, inner_params = inner._reverse_jacobians(seeds, cache)
+    for p, J in inner_params.items():
+        by_param[p] = cast(Jacobian, _plus(by_param.get(p), J))
+    return [ins.get(n) for n in inner.input_names()]
+
+
+def _node_jacobians_forward(
+    layer: Any, ins: list[Jacobian | None], target: Parameter | None, cache: _JacCache
+) -> list[Jacobian | None]:
+    """Prefixes ``∂x_out/∂z`` of one node from those of its inputs (and ``target = z``)."""
+    if isinstance(layer, Branch):
+        return [ins[0]] * layer.n
+    if isinstance(layer, Layer):
+        uses = [name for name, p in layer.params.items() if p is target]
+        if all(P is None for P in ins) and not uses:
+            return [None]
+        L_xs, L_theta = _layer_jacobians(layer, cache)
+        total: Jacobian | None = None
+        for L, P in zip(L_xs, ins, strict=True):
+            if L is not None and P is not None:
+                total = _plus(total, L @ P)
+        for name in uses:
+            total = _plus(total, L_theta[name])
+        return [total]
+    if isinstance(layer, Sequential):
+        out: list[Jacobian | None] = ins[:1]
+        for idx, leaf in enumerate(layer.layers):
+            given = out + (ins[1:] if idx == len(layer.layers) - 1 else [])
+            out = _node_jacobians_forward(leaf, given, target, cache)
+        return out
+    inner: Graph = layer
+    given_in = {n: P for n, P in zip(inner.input_names(), ins, strict=True) if P is not None}
+    return inner._forward_jacobians(given_in, target, cache)
 
 
 class Graph:
@@ -663,7 +821,9 @@ class Graph:
             raise wrapped from e
 
     # -- backward -----------------------------------------------------------------------
-    def backward(self, seed: Any = None, *, mode: str = "fast") -> Gradients:
+    def backward(
+        self, seed: Any = None, *, mode: str = "fast", per_example: bool = False
+    ) -> Gradients:
         """Reverse-order pass from the outputs' seeds ``dJ/d(output)``.
 
         ``seed``: omit it for a scalar output (``dJ/dJ = 1``); otherwise an
@@ -675,34 +835,49 @@ class Graph:
         ``mode="fast"`` uses each layer's ``backward``; ``mode="explicit"``
         multiplies by each layer's Jacobians as ``scipy.sparse`` matrices
         (Algorithm 14.1, literally). Both return the same ``Gradients``.
+
+        ``per_example=True`` (fast mode only) returns every parameter gradient as
+        ``B`` terms, an array ``(B, *θ.shape)`` whose sum over axis 0 is the usual
+        gradient (eq. 14.11), as ``Sequential.backward(per_example=True)`` does:
+        row ``b`` is ``g_out,b L^θ_b`` summed over the uses of the Parameter, from
+        each layer's ``per_example_grads`` (one vectorized product per parameter,
+        no loop over the examples). With a loss (a batch mean), ``B * row[b]`` is
+        the gradient of example ``b``'s own loss. ``per_use`` holds per-example
+        terms too; ``inputs`` are unchanged (they are per example already).
         """
         if mode not in MODES:
             raise ValueError(f"Graph.backward: mode must be one of {MODES}, got {mode!r}")
+        if per_example and mode != "fast":
+            raise ValueError("Graph.backward: per_example=True runs in mode='fast' only")
         outputs = self._require_outputs("backward")
         self._require_cached()
         seeds = self._seeds(seed)
-        return self._backward(outputs, seeds, mode)
+        return self._backward(outputs, seeds, mode, per_example)
 
-    def _require_cached(self) -> None:
+    def _require_cached(self, what: str = "backward") -> None:
         if self._state is None:
             raise RuntimeError(
-                "Graph.backward: no forward pass yet; call forward(...) first (backward runs "
-                "at the operating point forward caches)"
+                f"Graph.{what}: no forward pass yet; call forward(...) first ({what} runs "
+                f"at the operating point forward caches)"
             )
         if self._state == "uncached":
             raise RuntimeError(
-                "Graph.backward: the last forward ran with cache=False, which keeps no "
-                "operating point; run forward(..., cache=True) before backward"
+                f"Graph.{what}: the last forward ran with cache=False, which keeps no "
+                f"operating point; run forward(..., cache=True) before {what}"
             )
         for node, token in zip(self._nodes, self._tokens, strict=True):
             if self._token(node) != token:
                 raise RuntimeError(
-                    f"Graph.backward: node {node.name!r} ({node.layer!r}) was run outside this "
+                    f"Graph.{what}: node {node.name!r} ({node.layer!r}) was run outside this "
                     f"graph since its forward; run the graph's forward(...) again"
                 )
 
     def _backward(
-        self, outputs: list[tuple[int, int]], seeds: list[np.ndarray | None], mode: str
+        self,
+        outputs: list[tuple[int, int]],
+        seeds: list[np.ndarray | None],
+        mode: str,
+        per_example: bool = False,
     ) -> Gradients:
         nodes, needs = self._nodes, self._needs
         g: dict[tuple[int, int], Any] = {}
@@ -725,7 +900,7 @@ class Graph:
             if all(gk is None for gk in g_out):
                 continue
             need_in = [needs[j] for j, _ in node.inputs]
-            g_in = self._node_backward(node, i, g_out, need_in, mode, per_use)
+            g_in = self._node_backward(node, i, g_out, need_in, mode, per_use, per_example)
             for src, gi, ni in zip(node.inputs, g_in, need_in, strict=True):
                 if ni and gi is not None:
                     g[src] = gi
@@ -734,7 +909,8 @@ class Graph:
             terms = per_use.get(p)
             if not terms:
                 per_use[p] = []
-                params[p] = np.zeros_like(p.value)
+                shape = (self._batch_size(), *p.shape) if per_example else p.shape
+                params[p] = np.zeros(shape, p.dtype)
                 continue
             total = terms[0][1].copy() if len(terms) > 1 else terms[0][1]
             for _, t in terms[1:]:
@@ -752,24 +928,25 @@ class Graph:
         need_in: list[bool],
         mode: str,
         per_use: dict[Parameter, list[tuple[str, np.ndarray]]],
+        per_example: bool = False,
     ) -> tuple[Any, ...]:
         layer = node.layer
         want = any(need_in)
         if isinstance(layer, Layer):
-            step = _fast_layer_step if mode == "fast" else _explicit_layer_step
+            step = _per_example_layer_step if per_example else _LAYER_STEPS[mode]
             g_in, grads = step(layer, tuple(g_out) if node.multi else g_out[0], want)
             for pname, grad in grads.items():
                 per_use.setdefault(layer.params[pname], []).append((node.name, grad))
             return g_in
         if isinstance(layer, Sequential):
-            return self._sequential_backward(node, g_out[0], need_in, mode, per_use)
+            return self._sequential_backward(node, g_out[0], need_in, mode, per_use, per_example)
         inner: Graph = layer
         inner._require_cached()
         seeds = [
             np.zeros(inner._shapes[src], inner._dtypes[src]) if s is None else s
             for s, src in zip(g_out, cast(list, inner._outputs), strict=True)
         ]
-        sub = inner._backward(cast(list, inner._outputs), seeds, mode)
+        sub = inner._backward(cast(list, inner._outputs), seeds, mode, per_example)
         for p, terms in sub.per_use.items():
             for use, grad in terms:
                 per_use.setdefault(p, []).append((f"{node.name}/{use}", grad))
@@ -782,10 +959,11 @@ class Graph:
         need_in: list[bool],
         mode: str,
         per_use: dict[Parameter, list[tuple[str, np.ndarray]]],
+        per_example: bool = False,
     ) -> tuple[Any, ...]:
         """Algorithm 14.1 over a nested chain, keeping the gradients of the targets too."""
         seq: Sequential = node.layer
-        step = _fast_layer_step if mode == "fast" else _explicit_layer_step
+        step = _per_example_layer_step if per_example else _LAYER_STEPS[mode]
         last = len(seq.layers) - 1
         targets: tuple[Any, ...] = ()
         for idx in range(last, -1, -1):
@@ -798,6 +976,153 @@ class Graph:
                 targets = tuple(g_in[1:])
             g = g_in[0]
         return (g, *targets)
+
+    # -- whole-graph Jacobians ---------------------------------------------------------
+    def jacobians(
+        self, output: str | None = None, *, order: str = "auto"
+    ) -> tuple[dict[str, Jacobian], dict[Parameter, Jacobian]]:
+        """``({input: ∂out/∂input}, {θ: ∂out/∂θ})`` for one output, at the cached point.
+
+        ``out`` is the output named ``output`` (it may be omitted when the graph
+        has one). The keys are the inputs that ``backward`` gives a gradient
+        (float inputs that require one) and every Parameter; the values are
+        structured ``backprop.jacobian`` objects with the per-example layout of
+        the layers: example ``b``'s matrix is ``(M, N)`` with ``M`` the entries of
+        one example's output (1 for a scalar cost, whose per-example rows add up
+        to the batch cost, eq. 14.11) and ``N`` those of one example's input, or
+        ``|θ|``. Paths through a branch add (eq. 14.46); a tied Parameter gets
+        the sum of its uses (eq. 14.47); an input or Parameter the output does
+        not depend on gets a zero matrix.
+
+        They are chained from the per-layer Jacobians (eq. 14.2) in one of two
+        orders, with the same result:
+
+        - ``"reverse"``: from the output side, like the backward pass. Each node
+          gets the suffix ``∂out/∂(its output)``, computed once and shared by
+          everything below it (the reuse of chapter 14.2); cost about ``M`` times
+          the size of the graph.
+        - ``"forward"``: from the input side, one sweep per input and Parameter,
+          each carrying ``∂(value)/∂(that input)`` through the graph; cost about
+          ``N_total`` times the size of the graph, where ``N_total`` is the
+          number of entries of all inputs and parameters together.
+        - ``"auto"`` (default) picks ``"reverse"`` when ``M <= N_total`` (few
+          outputs: a cost, a logit vector) and ``"forward"`` otherwise.
+        """
+        if order not in ORDERS:
+            raise ValueError(f"Graph.jacobians: order must be one of {ORDERS}, got {order!r}")
+        outputs = self._require_outputs("jacobians")
+        self._require_cached("jacobians")
+        if output is None:
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"Graph.jacobians: the graph has {len(outputs)} outputs "
+                    f"({', '.join(map(repr, self._output_names))}); name one with output=..."
+                )
+            src = outputs[0]
+        elif output in self._output_names:
+            src = outputs[self._output_names.index(output)]
+        else:
+            raise ValueError(
+                f"Graph.jacobians: no output named {output!r}; the outputs are "
+                f"{', '.join(map(repr, self._output_names))}"
+            )
+        B = self._batch_size()
+        dtype = self._dtypes[src]
+        M = self._entries(src)
+        wanted = [n.name for i, n in enumerate(self._nodes) if n.kind == "input" and self._needs[i]]
+        entries = {n: self._entries((self._names[n], 0)) for n in wanted}
+        params = self.parameters()
+        if order == "auto":
+            n_total = sum(entries.values()) + sum(p.size for p in params)
+            order = "reverse" if M <= n_total else "forward"
+        cache: dict[int, tuple[Any, dict[str, Jacobian]]] = {}
+        if order == "reverse":
+            ins, by_param = self._reverse_jacobians({src: Identity(M, B, dtype)}, cache)
+        else:
+            ins, by_param = {}, {}
+            port = self._outputs.index(src) if self._outputs else 0
+            for name in wanted:
+                seed: dict[str, Jacobian] = {
+                    name: Identity(entries[name], B, self._dtypes[(self._names[name], 0)])
+                }
+                J = self._forward_jacobians(seed, None, cache)[port]
+                if J is not None:
+                    ins[name] = J
+            for p in params:
+                J = self._forward_jacobians({}, p, cache)[port]
+                if J is not None:
+                    by_param[p] = J
+
+        def zero(n: int) -> Jacobian:
+            return Dense(np.zeros((M, n), dtype), "0 (no path)", batch=B)
+
+        inputs = {n: ins[n] if n in ins else zero(entries[n]) for n in wanted}
+        return inputs, {p: by_param[p] if p in by_param else zero(p.size) for p in params}
+
+    def _entries(self, src: tuple[int, int]) -> int:
+        """Entries of one example of value ``src`` (all of it when it has no batch axis)."""
+        shape = self._shapes[src]
+        if not shape:
+            return 1
+        if _reduces_batch(self._nodes[src[0]].layer, src[1]):
+            return int(np.prod(shape, dtype=np.int64))
+        return int(np.prod(shape[1:], dtype=np.int64))
+
+    def _reverse_jacobians(
+        self,
+        seeds: dict[tuple[int, int], Jacobian],
+        cache: dict[int, tuple[Any, dict[str, Jacobian]]],
+    ) -> tuple[dict[str, Jacobian], dict[Parameter, Jacobian]]:
+        """The backward pass with ``∂out/∂(value)`` in place of ``g``: suffix products."""
+        S: dict[tuple[int, int], Jacobian] = dict(seeds)
+        ins: dict[str, Jacobian] = {}
+        by_param: dict[Parameter, Jacobian] = {}
+        for i in reversed(self._order):
+            node = self._nodes[i]
+            if not self._needs[i]:
+                continue
+            if node.kind == "input":
+                if (i, 0) in S:
+                    ins[node.name] = S.pop((i, 0))
+                continue
+            outs = [S.pop((i, k), None) for k in range(node.n_out)]
+            if all(o is None for o in outs):
+                continue
+            need_in = [self._needs[j] for j, _ in node.inputs]
+            back = _node_jacobians_back(node.layer, outs, need_in, by_param, cache)
+            for src, J in zip(node.inputs, back, strict=True):
+                if J is not None:
+                    S[src] = J  # one consumer per value (fan-out goes through a Branch)
+        return ins, by_param
+
+    def _forward_jacobians(
+        self,
+        given: dict[str, Jacobian],
+        target: Parameter | None,
+        cache: dict[int, tuple[Any, dict[str, Jacobian]]],
+    ) -> list[Jacobian | None]:
+        """One forward sweep: ``∂(value)/∂z`` for ``z`` an input (``given``) or ``target``."""
+        P: dict[tuple[int, int], Jacobian] = {}
+        for i in self._order:
+            node = self._nodes[i]
+            if node.kind == "input":
+                if node.name in given:
+                    P[(i, 0)] = given[node.name]
+                continue
+            ins = [P.pop(src, None) for src in node.inputs]
+            outs = _node_jacobians_forward(node.layer, ins, target, cache)
+            for k, J in enumerate(outs):
+                if J is not None:
+                    P[(i, k)] = J
+        return [P.get(src) for src in cast(list, self._outputs)]
+
+    def _batch_size(self) -> int:
+        """``B`` of the last forward: the batch axis of the first input (or value)."""
+        for i in self._order:
+            shape = self._shapes.get((i, 0))
+            if self._nodes[i].kind == "input" and shape:
+                return shape[0]
+        return next(s[0] for s in self._shapes.values() if s)
 
     def _seeds(self, seed: Any) -> list[np.ndarray | None]:
         outputs = cast(list, self._outputs)

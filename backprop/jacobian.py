@@ -49,6 +49,12 @@ __all__ = [
 DENSE_LIMIT_BYTES = 2 * 1024**3
 
 
+def _index_dtype(*sizes: int) -> type[np.signedinteger[Any]]:
+    """int32 when every index fits (scipy would otherwise scan and downcast int64
+    index arrays on every construction, which costs more than the product)."""
+    return np.int32 if max(sizes) < 2**31 - 1 else np.int64
+
+
 def _bytes(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -125,9 +131,11 @@ class Jacobian:
         """The whole batch as one block-diagonal CSR array ``(B*M, B*N)``."""
         s = self.stacked_sparse()
         m, n = self.shape
-        rows = np.repeat(np.arange(self.batch * m), np.diff(s.indptr))
-        cols = s.indices + (rows // max(m, 1)) * n
-        return sp.csr_array((s.data, cols, s.indptr), shape=(self.batch * m, self.batch * n))
+        it = _index_dtype(self.batch * m, self.batch * n, s.nnz)
+        rows = np.repeat(np.arange(self.batch * m, dtype=it), np.diff(s.indptr))
+        cols = s.indices.astype(it, copy=False) + (rows // max(m, 1)) * it(n)
+        indptr = s.indptr.astype(it, copy=False)
+        return sp.csr_array((s.data, cols, indptr), shape=(self.batch * m, self.batch * n))
 
     # -- algebra -----------------------------------------------------------
     def __matmul__(self, other: Jacobian) -> Jacobian:
@@ -243,8 +251,9 @@ class Diagonal(Jacobian):
 
     def stacked_sparse(self) -> sp.csr_array:
         n, B = self.shape[0], self.batch
-        indptr = np.arange(B * n + 1)
-        indices = np.tile(np.arange(n), B)
+        it = _index_dtype(B * n + 1)
+        indptr = np.arange(B * n + 1, dtype=it)
+        indices = np.tile(np.arange(n, dtype=it), B)
         return sp.csr_array((self.d.ravel(), indices, indptr), shape=(B * n, n))
 
     @property
@@ -321,8 +330,9 @@ class Kronecker(Jacobian):
     def stacked_sparse(self) -> sp.csr_array:
         B, n = self.x.shape
         m = self.m
-        indptr = np.arange(0, B * m * n + 1, n)
-        indices = np.tile(np.arange(m * n), B)
+        it = _index_dtype(B * m * n + 1)
+        indptr = np.arange(0, B * m * n + 1, n, dtype=it)
+        indices = np.tile(np.arange(m * n, dtype=it), B)
         data = np.broadcast_to(self.x[:, None, :], (B, m, n)).ravel()
         return sp.csr_array((data, indices, indptr), shape=(B * m, m * n))
 
@@ -451,7 +461,16 @@ class Product(Jacobian):
         return self.outer.jvp(self.inner.jvp(u))
 
     def _dense(self) -> np.ndarray:
-        return np.matmul(self.outer._dense(), self.inner._dense())
+        outer = self.outer._dense()
+        M, K = self.outer.shape
+        if M <= K:
+            # Few rows: push each row of ``outer`` through ``inner`` by a vjp, which
+            # keeps ``inner``'s structure (``I ⊗ xᵀ`` is never densified).
+            out = np.empty((self.batch, *self.shape), dtype=self.dtype)
+            for i in range(M):
+                out[:, i, :] = self.inner.vjp(outer[:, i, :])
+            return out
+        return np.matmul(outer, self.inner._dense())
 
     def to_sparse(self, b: int = 0) -> sp.csr_array:
         return sp.csr_array(self.outer.to_sparse(b) @ self.inner.to_sparse(b))
@@ -536,6 +555,9 @@ def compose(outer: Jacobian, inner: Jacobian) -> Jacobian:
     if isinstance(outer, Dense) and isinstance(inner, Dense):
         if outer.shared and inner.shared:
             return Dense(outer.A @ inner.A, label, batch=outer.batch)
+        if inner.shared:  # (B, M, K) @ (K, N): one GEMM over the B·M rows
+            B, (M, K) = outer.batch, outer.shape
+            return Dense((outer.A.reshape(B * M, K) @ inner.A).reshape(B, M, -1), label)
         return Dense(np.matmul(outer.A, inner.A), label, batch=outer.batch)
     if isinstance(outer, Diagonal) and isinstance(inner, Dense):
         A = inner.A if not inner.shared else inner.A[None]

@@ -161,7 +161,7 @@ class Layer:
         until the next cached ``forward``.
         """
         arrays = self._validate_inputs(x_in)
-        op = OperatingPoint(arrays, {name: p.value for name, p in self.params.items()})
+        op = OperatingPoint(arrays, {name: p._value for name, p in self.params.items()})
         x_out = self._forward(op, *arrays)
         if isinstance(x_out, np.ndarray) and x_out.flags.writeable:
             x_out.flags.writeable = False
@@ -239,7 +239,7 @@ class Layer:
     def _dtype(self) -> np.dtype[Any] | None:
         """The dtype the layer's data must have (that of its parameters), if any."""
         for p in self.params.values():
-            return p.dtype
+            return p._value.dtype
         return None
 
     # -- validation, once for every layer ------------------------------------
@@ -248,6 +248,41 @@ class Layer:
         return type(self).__name__
 
     def _validate_inputs(self, x_in: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        if len(x_in) == 1 and len(self.inputs) == 1 and not self.label_inputs:
+            # The common case, kept short: one float array of the layer's dtype (what
+            # the layer before it returns). Anything else takes the general path
+            # below, which also words the errors.
+            x = x_in[0]
+            if type(x) is np.ndarray and x.ndim and x.dtype in FLOAT_DTYPES:
+                dtype = self._dtype()
+                if dtype is None or x.dtype == dtype:
+                    if x.flags.writeable:
+                        x = _owned(x)
+                    if self._check is not None:
+                        self._check(x)
+                    return (x,)
+        elif len(x_in) == 2 and len(self.inputs) == 2 and self._dtype() is None:
+            # The other common case: a loss's prediction and its target (same dtype,
+            # or integer labels where the layer declares them).
+            x, t = x_in
+            if (
+                type(x) is np.ndarray
+                and type(t) is np.ndarray
+                and x.ndim
+                and t.ndim
+                and x.shape[0] == t.shape[0]
+                and x.dtype in FLOAT_DTYPES
+                and self.inputs[0] not in self.label_inputs
+                and (
+                    t.dtype.kind in "iu"
+                    if self.inputs[1] in self.label_inputs
+                    else t.dtype == x.dtype
+                )
+            ):
+                x, t = _owned(x), _owned(t)
+                if self._check is not None:
+                    self._check(x, t)
+                return (x, t)
         if len(x_in) != len(self.inputs):
             need = ", ".join(self.inputs)
             raise TypeError(
@@ -255,16 +290,22 @@ class Layer:
             )
         dtype = self._dtype()
         arrays = []
+        labels = self.label_inputs
         for what, x in zip(self.inputs, x_in, strict=True):
-            if what in self.label_inputs:
+            if labels and what in labels:
                 x = np.asarray(x)
-                if not np.issubdtype(x.dtype, np.integer):
+                if x.dtype.kind not in "iu":  # signed or unsigned integers
                     raise TypeError(
                         f"{self!r}: {what} must be integer class labels, got dtype {x.dtype} "
                         f"(shape {x.shape})"
                     )
             else:
-                x = check_float(repr(self), what, x, dtype)
+                if not (
+                    type(x) is np.ndarray
+                    and x.dtype in FLOAT_DTYPES
+                    and (dtype is None or x.dtype == dtype)
+                ):
+                    x = check_float(repr(self), what, x, dtype)
                 if dtype is None:
                     dtype = x.dtype
             if x.ndim == 0:
@@ -290,7 +331,10 @@ class Layer:
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             raise TypeError(f"{self!r}.backward needs g_out = dJ/dx_out, shape {op.x_out.shape}")
-        g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
+        if type(g_out) is np.ndarray and g_out.dtype == op.x_out.dtype:
+            g = g_out  # the common case, without building the error text
+        else:
+            g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
         if g.shape != op.x_out.shape:
             raise ValueError(
                 f"{self!r}.backward: g_out has shape {g.shape}, but x_out has shape "

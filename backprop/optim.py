@@ -1,13 +1,26 @@
 """Optimizers: they consume the gradients that ``backward`` returns.
 
-An optimizer holds the Parameters it updates. ``step(grads)`` takes a mapping
-``{Parameter: dJ/dθ}`` (what ``Sequential.backward`` returns), checks every
-entry first and only then updates, so a bad call changes nothing. A tied
-Parameter appears once in the mapping, so it is updated once.
+An optimizer holds the Parameters it updates and, for each one, its own state
+(a velocity, Adam's moment estimates). ``step(grads)`` takes a mapping
+``{Parameter: dJ/dθ}`` (what ``Sequential.backward`` returns, or the object a
+``Graph.backward`` returns, whose ``.params`` is that mapping). A step is all or
+nothing: every gradient is checked and every new value and state is computed
+first, and only then are the Parameters and states replaced, so a bad call
+changes nothing. A tied Parameter (chapter 14.8) is one key of the mapping,
+holding the sum of its uses (eq. 14.47), so it is updated once.
+
+Gradients come in each parameter's own shape: the transpose ``(∂J/∂θ)ᵀ`` of the
+chapter's row vector, which is exactly what the update rule (eq. 14.9) needs.
+
+Weight decay ``λ`` means the same in every optimizer here: the step uses
+``g + λθ``, the gradient of ``J + (λ/2)‖θ‖²`` (L2 regularization). ``Adam``
+also offers the decoupled form (``decoupled=True``, "AdamW"), which shrinks
+``θ`` by ``ηλθ`` outside the adaptive scaling.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,7 +28,7 @@ import numpy as np
 
 from backprop.layer import Parameter
 
-__all__ = ["SGD", "Optimizer"]
+__all__ = ["SGD", "Adam", "Optimizer"]
 
 
 def _collect(params: Any) -> list[Parameter]:
@@ -28,58 +41,175 @@ def _collect(params: Any) -> list[Parameter]:
     return out
 
 
-class Optimizer:
-    """Base class: the parameter bookkeeping and the checks every step needs."""
+def _rate(owner: str, what: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
+    """``value`` as a float in ``(low, high)`` or ``[low, high)``, else a ValueError."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}") from None
+    ok = (x > low if open_low else x >= low) and x < high and math.isfinite(x)
+    if not ok:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g})"
+        raise ValueError(f"{owner}: {what} must lie in {interval}, got {value!r}")
+    return x
 
-    def __init__(self, params: Iterable[Parameter] | Any, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"{type(self).__name__}: lr must be positive, got {lr!r}")
+
+class Optimizer:
+    """Base class: parameter bookkeeping, per-Parameter state, all-or-nothing steps.
+
+    A subclass writes ``_update(p, g, state) -> (new_value, new_state)``, a pure
+    function of its arguments: it must not modify ``state`` in place.
+    """
+
+    def __init__(
+        self, params: Iterable[Parameter] | Any, lr: float, *, weight_decay: float = 0.0
+    ) -> None:
+        name = type(self).__name__
+        self.lr = _rate(name, "lr", lr, 0.0, math.inf, open_low=True)
+        self.weight_decay = _rate(name, "weight_decay", weight_decay, 0.0, math.inf, open_low=False)
         self.params = _collect(params)
-        self.lr = float(lr)
+        #: ``{Parameter: {name: array or number}}``: what each Parameter's updates remember.
+        self.state: dict[Parameter, dict[str, Any]] = {p: {} for p in self.params}
 
     def _checked(self, grads: Any) -> list[tuple[Parameter, np.ndarray]]:
+        name = type(self).__name__
         grads = getattr(grads, "params", grads)
         if not isinstance(grads, Mapping):
             raise TypeError(
-                f"{type(self).__name__}.step takes a mapping {{Parameter: gradient}}, "
-                f"got {type(grads).__name__}"
+                f"{name}.step takes a mapping {{Parameter: gradient}}, got {type(grads).__name__}"
             )
-        known = set(map(id, self.params))
         items = []
         for p, g in grads.items():
             if not isinstance(p, Parameter):
                 raise TypeError(
-                    f"{type(self).__name__}.step: keys must be Parameters, got {p!r}; for one "
-                    f"layer's grads use {{layer.params[name]: g for name, g in grads.items()}}"
+                    f"{name}.step: keys must be Parameters, got {p!r}; for one layer's "
+                    f"grads use {{layer.params[name]: g for name, g in grads.items()}}"
                 )
-            if id(p) not in known:
-                raise ValueError(
-                    f"{type(self).__name__}.step: {p!r} is not one this optimizer updates"
-                )
+            if p not in self.state:
+                raise ValueError(f"{name}.step: {p!r} is not one this optimizer updates")
             g = np.asarray(g)
             if g.shape != p.shape:
                 raise ValueError(
-                    f"{type(self).__name__}.step: gradient for {p!r} has shape {g.shape}, "
-                    f"expected {p.shape}"
+                    f"{name}.step: gradient for {p!r} has shape {g.shape}, expected {p.shape}"
                 )
-            items.append((p, g))
+            if g.dtype.kind != "f":
+                raise TypeError(f"{name}.step: gradient for {p!r} has dtype {g.dtype}")
+            # A NaN or inf anywhere makes Σ g² non-finite: one BLAS dot product, and the
+            # exact test only when it fires (huge finite entries may also overflow it).
+            if not math.isfinite(np.vdot(g, g)) and not np.all(np.isfinite(g)):
+                raise ValueError(
+                    f"{name}.step: gradient for {p!r} has {int(np.sum(~np.isfinite(g)))} "
+                    f"non-finite entries (NaN or inf); no parameter was updated"
+                )
+            items.append((p, g if g.dtype == p.dtype else g.astype(p.dtype)))
         return items
 
     def step(self, grads: Any) -> None:
-        for p, g in self._checked(grads):
-            p.value = self._update(p, g)
+        """Update every Parameter that has a gradient in ``grads``; all or nothing."""
+        updates = [(p, *self._update(p, g, self.state[p])) for p, g in self._checked(grads)]
+        for p, value, state in updates:
+            p.value = value
+            self.state[p] = state
 
-    def _update(self, p: Parameter, g: np.ndarray) -> np.ndarray:
+    def _decayed(self, p: Parameter, g: np.ndarray) -> np.ndarray:
+        """``g + λθ``: the gradient of ``J + (λ/2)‖θ‖²``."""
+        return g + self.weight_decay * p.value if self.weight_decay else g
+
+    def _update(
+        self, p: Parameter, g: np.ndarray, state: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError  # abstract
+
+    def _options(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, for ``repr``."""
+        return {"weight_decay": self.weight_decay} if self.weight_decay else {}
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v:g}" for k, v in self._options().items())
+        return f"{type(self).__name__}(lr={self.lr:g}{options})"
 
 
 class SGD(Optimizer):
-    """``θ ← θ - η (∂J/∂θ)ᵀ`` (eq. 14.9).
+    """Stochastic gradient descent, ``θ ← θ - η g`` (eq. 14.9), with optional momentum.
 
-    The gradients arrive in each parameter's own shape, which is the transpose
-    ``(∂J/∂θ)ᵀ`` of the chapter's row vector, so the update is a plain
-    subtraction.
+    With ``momentum=μ > 0`` each Parameter keeps a velocity ``v`` (zero at the
+    start) and the step is ``v ← μ v + g``, ``θ ← θ - η v``: a running sum of
+    past gradients that damps the zig-zag across a narrow valley. ``g``
+    includes the weight decay term ``λθ`` when ``weight_decay=λ > 0``.
     """
 
-    def _update(self, p: Parameter, g: np.ndarray) -> np.ndarray:
-        return (p.value - self.lr * g).astype(p.dtype, copy=False)
+    def __init__(
+        self,
+        params: Iterable[Parameter] | Any,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr, weight_decay=weight_decay)
+        self.momentum = _rate("SGD", "momentum", momentum, 0.0, 1.0, open_low=False)
+
+    def _update(
+        self, p: Parameter, g: np.ndarray, state: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        g = self._decayed(p, g)
+        if self.momentum:
+            g = self.momentum * state["v"] + g if "v" in state else g
+            state = {"v": g}
+        new = g * -self.lr  # one new array, then θ added in place: θ - ηg, same rounding
+        new += p.value
+        return new, state
+
+    def _options(self) -> dict[str, Any]:
+        momentum = {"momentum": self.momentum} if self.momentum else {}
+        return momentum | super()._options()
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba, 2015): a step per entry scaled by a running gradient size.
+
+    Each Parameter keeps ``m`` and ``v`` (zero at the start) and a step count
+    ``t``; for its gradient ``g``:
+
+    - ``m ← β₁ m + (1 - β₁) g`` and ``v ← β₂ v + (1 - β₂) g²``;
+    - ``m̂ = m / (1 - β₁ᵗ)`` and ``v̂ = v / (1 - β₂ᵗ)`` (undoing the zero start);
+    - ``θ ← θ - η m̂ / (√v̂ + ε)``.
+
+    ``weight_decay=λ`` adds ``λθ`` to ``g`` (L2, as in ``SGD``); with
+    ``decoupled=True`` it instead subtracts ``ηλθ`` from ``θ`` next to the
+    adaptive step (AdamW, Loshchilov and Hutter, 2019).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Parameter] | Any,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
+        super().__init__(params, lr, weight_decay=weight_decay)
+        if len(betas) != 2:
+            raise ValueError(f"Adam: betas must be a pair (β₁, β₂), got {betas!r}")
+        self.beta1 = _rate("Adam", "betas[0]", betas[0], 0.0, 1.0, open_low=False)
+        self.beta2 = _rate("Adam", "betas[1]", betas[1], 0.0, 1.0, open_low=False)
+        self.eps = _rate("Adam", "eps", eps, 0.0, math.inf, open_low=True)
+        self.decoupled = bool(decoupled)
+
+    def _update(
+        self, p: Parameter, g: np.ndarray, state: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if not self.decoupled:
+            g = self._decayed(p, g)
+        t = state.get("t", 0) + 1
+        m = (1.0 - self.beta1) * g + (self.beta1 * state["m"] if t > 1 else 0.0)
+        v = (1.0 - self.beta2) * g * g + (self.beta2 * state["v"] if t > 1 else 0.0)
+        m_hat = m / (1.0 - self.beta1**t)
+        v_hat = v / (1.0 - self.beta2**t)
+        step = m_hat / (np.sqrt(v_hat) + self.eps)
+        if self.decoupled and self.weight_decay:
+            step = step + self.weight_decay * p.value
+        value = (p.value - self.lr * step).astype(p.dtype, copy=False)
+        return value, {"m": m, "v": v, "t": t}

@@ -80,7 +80,7 @@ def test_figure_14_20_like_dag() -> None:
     report = bp.gradcheck(g, **feed)
     n_params = len(g.parameters())
     assert n_params == 10
-    assert len(report.checks) == 3 * (3 + n_params) + 1
+    assert len(report.checks) == 4 * (3 + n_params) + 1
     assert report.worst < 1e-5
     assert [n.name for n in g.nodes() if n.auto] == ["linear_0_fanout"]
 
@@ -136,7 +136,7 @@ def test_random_dag_gradcheck(seed: int) -> None:
     g, feed = random_dag(seed, scalar=seed % 2 == 0)
     report = bp.gradcheck(g, feed)
     n_inputs = len(feed)
-    assert len(report.checks) == 3 * (n_inputs + len(g.parameters())) + 1
+    assert len(report.checks) == 4 * (n_inputs + len(g.parameters())) + 1
     assert report.worst < 1e-5
 
 

@@ -347,3 +347,24 @@ def test_float32_chain_stays_float32(mode: str) -> None:
     for p32, p64 in zip(net32.parameters(), net64.parameters(), strict=True):
         assert grads32[p32].dtype == np.float32
         np.testing.assert_allclose(grads32[p32], grads64[p64], rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_on_sequential_with_float_target():
+    # The target of an L2 loss is data the chain compares against: the check
+    # covers x and every parameter, and a wrong weight gradient still fails it.
+    rng = np.random.default_rng(3)
+    net = bp.Sequential([bp.Linear(3, 2, rng=rng), bp.Tanh(), bp.L2Loss()])
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    report = bp.gradcheck(net, x, y)
+    assert report.worst < 1e-6
+    assert any(what.startswith("input 0") for what in report.checks)
+    assert not any(what.startswith("input 1") for what in report.checks)
+
+    class OffLinear(bp.Linear):
+        def _backward(self, op, g_out, input_grad):
+            g_in, grads = super()._backward(op, g_out, input_grad)
+            return g_in, {**grads, "W": grads["W"] * 1.001}
+
+    bad = bp.Sequential([OffLinear(3, 2, rng=rng), bp.Tanh(), bp.L2Loss()])
+    with pytest.raises(bp.GradcheckError, match="analytic"):
+        bp.gradcheck(bad, x, y)

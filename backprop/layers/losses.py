@@ -34,20 +34,21 @@ class L2Loss(Loss):
             )
 
     def _forward(self, op: OperatingPoint, y_hat: np.ndarray, y: np.ndarray) -> np.ndarray:
-        r = (y_hat - y).reshape(y.shape[0], -1)
-        return np.asarray(np.einsum("bi,bi->", r, r) / y.shape[0], dtype=y.dtype)
+        r = y_hat - y  # kept: backward scales it instead of subtracting again
+        op.saved["r"] = r
+        return np.asarray(np.vdot(r, r) / y.shape[0], dtype=y.dtype)
 
-    def _error(self, op: OperatingPoint) -> np.ndarray:
-        """``∂J/∂ŷ = 2(ŷ - y) / B``, in ``ŷ``'s shape."""
-        y_hat, y = op.x_in
-        return (y_hat - y) * (2.0 / y.shape[0])
+    def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
+        """``scale · ∂J/∂ŷ = scale · 2(ŷ - y) / B``, in ``ŷ``'s shape (a new array)."""
+        r = op.saved["r"]
+        return r * (2.0 * scale / r.shape[0])
 
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
         if not input_grad:
             return (None, None), {}
-        g = self._error(op) * g_out
+        g = self._error(op, float(g_out))
         return (g, -g), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
@@ -79,7 +80,9 @@ class SoftmaxCrossEntropy(Loss):
                 f"({logits.shape[0]},) for logits of shape {logits.shape}"
             )
         C = logits.shape[1]
-        if labels.size and (labels.min() < 0 or labels.max() >= C):
+        # One reduction checks both ends: viewed as unsigned, a negative label is huge.
+        unsigned = labels.view(f"u{labels.dtype.itemsize}") if labels.dtype.kind == "i" else labels
+        if labels.size and unsigned.max() >= C:
             bad = labels[(labels < 0) | (labels >= C)]
             raise ValueError(
                 f"SoftmaxCrossEntropy: labels must lie in 0..{C - 1} for logits of shape "
@@ -88,20 +91,23 @@ class SoftmaxCrossEntropy(Loss):
 
     def _forward(self, op: OperatingPoint, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         B = logits.shape[0]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        total = exp.sum(axis=1, keepdims=True)
-        op.saved["p"] = exp / total
-        log_p_true = shifted[np.arange(B), labels] - np.log(total[:, 0])
-        return np.asarray(-log_p_true.mean(), dtype=logits.dtype)
+        rows = np.arange(B)
+        p = logits - logits.max(axis=1, keepdims=True)  # shifted logits
+        picked = p[rows, labels]
+        np.exp(p, out=p)
+        total = p.sum(axis=1, keepdims=True)
+        p /= total  # softmax(z), kept for backward
+        op.saved["p"] = p
+        op.saved["rows"] = rows
+        # J = mean_b (log Σ_c e^{z_bc - m_b} - (z_{b,y_b} - m_b))
+        return np.asarray((np.log(total).sum() - picked.sum()) / B, dtype=logits.dtype)
 
-    def _error(self, op: OperatingPoint) -> np.ndarray:
-        """``∂J/∂z = (softmax(z) - onehot(y)) / B``."""
+    def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
+        """``scale · ∂J/∂z = scale · (softmax(z) - onehot(y)) / B`` (a new array)."""
         labels = op.x_in[1]
-        B = labels.shape[0]
         e = op.saved["p"].copy()
-        e[np.arange(B), labels] -= 1
-        e *= 1.0 / B
+        e[op.saved["rows"], labels] -= 1
+        e *= scale / labels.shape[0]
         return e
 
     def _backward(
@@ -109,7 +115,7 @@ class SoftmaxCrossEntropy(Loss):
     ) -> tuple[Any, dict[str, np.ndarray]]:
         if not input_grad:
             return (None, None), {}
-        return (self._error(op) * g_out, None), {}
+        return (self._error(op, float(g_out)), None), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         e = self._error(op)

@@ -54,12 +54,17 @@ class Pointwise(Layer):
     def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
         return self._dh(x_in)  # type: ignore[misc]
 
-    def _derivative(self, op: OperatingPoint) -> np.ndarray:
+    def _derivative(self, op: OperatingPoint, allow_bool: bool = False) -> np.ndarray:
+        """``h'(x_in)`` in ``x_in``'s shape and dtype; with ``allow_bool`` a boolean
+        ``h'`` (a 0/1 mask, as ReLU's) is passed on as it is, which multiplies into a
+        float array without a conversion pass and without changing its dtype."""
         x_in, x_out = op.x_in[0], op.x_out
-        d = np.asarray(self.dh(x_in, x_out))
+        d = self.dh(x_in, x_out)
+        if not isinstance(d, np.ndarray):
+            d = np.asarray(d)
         if d.shape != x_in.shape:
             d = np.broadcast_to(d, x_in.shape)
-        if d.dtype != x_in.dtype:
+        if d.dtype != x_in.dtype and not (allow_bool and d.dtype == np.bool_):
             d = d.astype(x_in.dtype)
         return d
 
@@ -77,7 +82,9 @@ class Pointwise(Layer):
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (g_out * self._derivative(op) if input_grad else None), {}
+        if not input_grad:
+            return None, {}
+        return np.multiply(g_out, self._derivative(op, allow_bool=True)), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         d = self._derivative(op)
@@ -98,7 +105,7 @@ class ReLU(Pointwise):
         return np.maximum(x, 0)
 
     def dh(self, x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
-        return (x_in >= 0).astype(x_in.dtype)
+        return x_in >= 0  # a boolean mask; the Jacobian converts it to x_in's dtype
 
 
 class LeakyReLU(Pointwise):

@@ -1,0 +1,371 @@
+"""Training: seeded minibatch epochs over a Sequential or a Graph.
+
+``fit`` runs, for each minibatch, one forward pass, one backward pass
+(Algorithm 14.1) and one optimizer step (eq. 14.9 or a refinement of it), and
+returns a ``History`` of the per-epoch losses and accuracies.
+
+What a model may be:
+
+- a ``Sequential`` or a ``Graph`` whose output is the prediction (logits, say),
+  with the loss layer given as ``loss=`` (``SoftmaxCrossEntropy()`` by default);
+- a ``Sequential`` whose last layer is already a ``Loss`` (the chain of
+  figure 14.1, ending in ``J``); the prediction is then the input of that loss.
+
+A Graph used by ``fit`` has one data input and one output: its prediction.
+``predict`` and ``accuracy`` run the forward pass only, in chunks, without
+caching the operating point when the model's ``forward`` accepts ``cache=False``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from backprop.layer import Layer, Loss, Parameter
+from backprop.layers import SoftmaxCrossEntropy
+from backprop.optim import Adam, Optimizer
+
+__all__ = ["History", "accuracy", "fit", "predict"]
+
+
+@dataclass
+class History:
+    """Per-epoch records of a ``fit``: entry ``i`` belongs to epoch ``epoch[i]``.
+
+    ``train_loss`` and ``train_accuracy`` are averaged over the epoch's
+    minibatches (weighted by their sizes) as the parameters moved;
+    ``val_loss`` and ``val_accuracy`` are measured on the validation set at the
+    end of each epoch. An accuracy is NaN when the task is not classification
+    (labels not integers, or predictions not ``(B, C)``); the validation lists
+    are empty when no validation set was given. ``seconds`` is the wall time
+    since the start of training, at the end of each epoch.
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[Any]]:
+        """The records as ``{name: list}``, copies that the caller may change."""
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+
+# ------------------------------------------------------------------ the model adapter
+
+
+def _accepts_cache(forward: Any) -> bool:
+    try:
+        return "cache" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Net:
+    """One interface over the models ``fit`` accepts: predict, and loss with gradients."""
+
+    def __init__(self, model: Any, loss: Layer | None) -> None:
+        self.model = model
+        layers: Any = getattr(model, "layers", None)
+        own_loss = isinstance(layers, list) and bool(layers) and isinstance(layers[-1], Loss)
+        if hasattr(model, "input_names"):  # a Graph
+            ins, outs = tuple(model.input_names()), tuple(model.output_names())
+            if len(ins) != 1 or len(outs) != 1:
+                raise ValueError(
+                    f"fit: a Graph used for training needs one data input and one output "
+                    f"(its prediction); this one has inputs {ins} and outputs {outs}. Leave "
+                    f"the loss out of the Graph and pass it as loss="
+                )
+            self.input_name: str | None = ins[0]
+        elif isinstance(layers, list) and hasattr(model, "backward"):  # a Sequential
+            self.input_name = None
+        else:
+            raise TypeError(f"fit: expected a Sequential or a Graph, got {type(model).__name__}")
+        if own_loss:
+            if loss is not None:
+                raise ValueError(
+                    f"fit: the model already ends with the loss {layers[-1]!r}; "
+                    f"do not pass loss= as well"
+                )
+            self.predictor: list[Layer] | None = layers[:-1]
+            self.loss: Layer = layers[-1]
+        else:
+            self.predictor = None
+            self.loss = SoftmaxCrossEntropy() if loss is None else loss
+            if not isinstance(self.loss, Loss):
+                raise TypeError(f"fit: loss must be a Loss layer, got {self.loss!r}")
+        self.own_loss = own_loss
+        self.cache_kw = self.predictor is None and _accepts_cache(model.forward)
+
+    def parameters(self) -> list[Parameter]:
+        return list(self.model.parameters())
+
+    def _forward(self, x: np.ndarray, cache: bool) -> np.ndarray:
+        if self.predictor is not None:
+            for layer in self.predictor:
+                x = layer.forward(x) if cache else layer.forward(x, cache=False)
+            return x
+        kw: dict[str, Any] = {} if cache or not self.cache_kw else {"cache": False}
+        if self.input_name is None:
+            return np.asarray(self.model.forward(x, **kw))
+        out = self.model.forward({self.input_name: x}, **kw)
+        if isinstance(out, dict):
+            (out,) = out.values()
+        elif isinstance(out, tuple | list):
+            (out,) = out
+        return np.asarray(out)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(x, cache=False)
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, dict[Parameter, Any]]:
+        """``(J, prediction, {Parameter: dJ/dθ})`` for one minibatch."""
+        if self.own_loss:
+            J = self.model.forward(x, y)
+            y_hat = self.loss._operating_point("fit").x_in[0]
+            _, grads = self.model.backward(input_grad=False)
+            return float(J), y_hat, grads
+        y_hat = self._forward(x, cache=True)
+        J = self.loss.forward(y_hat, y)
+        g_in, _ = self.loss.backward()
+        g = g_in[0] if isinstance(g_in, tuple) else g_in
+        if self.input_name is None:
+            _, grads = self.model.backward(g, input_grad=False)
+        else:
+            grads = self.model.backward(seed=g).params
+        return float(J), y_hat, grads
+
+    def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+        """``(mean loss, accuracy)`` over a whole set, forward only."""
+        total, correct, n = 0.0, 0, X.shape[0]
+        for start in range(0, n, batch_size):
+            xb, yb = X[start : start + batch_size], y[start : start + batch_size]
+            y_hat = self.predict(xb)
+            total += float(self.loss.forward(y_hat, yb, cache=False)) * xb.shape[0]
+            correct += _n_correct(y_hat, yb)
+        return total / n, (correct / n if _is_classification(y) else math.nan)
+
+
+def _is_classification(y: np.ndarray) -> bool:
+    return np.issubdtype(y.dtype, np.integer) and y.ndim == 1
+
+
+def _n_correct(y_hat: np.ndarray, y: np.ndarray) -> int:
+    if y_hat.ndim != 2 or not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        return 0
+    return int(np.sum(np.argmax(y_hat, axis=1) == y))
+
+
+# ------------------------------------------------------------------ progress
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    ip = getattr(shell, "get_ipython", lambda: None)()
+    return type(ip).__name__ == "ZMQInteractiveShell"
+
+
+def _wide(out: TextIO) -> bool:
+    """False for a terminal too narrow for a bar, or one that reports no size at all."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns >= 60
+    except (AttributeError, OSError, ValueError):
+        return True  # a stream without a file descriptor that says it is a terminal
+
+
+def _progress_bar_factory(out: TextIO) -> Any:
+    """``tqdm`` (``tqdm.auto`` in a notebook) when it can draw a bar here, else None."""
+    notebook = _in_notebook()
+    if not notebook and not (hasattr(out, "isatty") and out.isatty() and _wide(out)):
+        return None
+    if notebook and importlib.util.find_spec("ipywidgets") is None:
+        return None  # tqdm.auto would fall back to text with a warning
+    try:
+        if notebook:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _summary(history: History, i: int) -> str:
+    parts = [f"train loss {history.train_loss[i]:.4f}"]
+    if not math.isnan(history.train_accuracy[i]):
+        parts.append(f"acc {history.train_accuracy[i]:.4f}")
+    if history.val_loss:
+        parts.append(f"val loss {history.val_loss[i]:.4f}")
+        if not math.isnan(history.val_accuracy[i]):
+            parts.append(f"acc {history.val_accuracy[i]:.4f}")
+    return "  ".join(parts)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _positive_int(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"fit: {what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _data(what: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"fit: {what} X has shape {X.shape} and y has shape {y.shape}; they need the "
+            f"same number of examples on axis 0"
+        )
+    if X.shape[0] == 0:
+        raise ValueError(f"fit: {what} set is empty")
+    return X, y
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def fit(
+    model: Any,
+    X: Any,
+    y: Any,
+    *,
+    loss: Layer | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    optimizer: Optimizer | None = None,
+    validation: tuple[Any, Any] | None = None,
+    seed: int | np.random.Generator | None = 0,
+    progress: bool | str = True,
+    file: TextIO | None = None,
+) -> History:
+    """Train ``model`` on ``(X, y)`` with shuffled minibatches; return the ``History``.
+
+    Shapes: ``X`` is ``(N, *features)`` in the model's float dtype; ``y`` is
+    ``(N,)`` integer labels for ``SoftmaxCrossEntropy`` or ``(N, *out)`` targets
+    for ``L2Loss``.
+
+    - ``loss``: the loss layer; ``SoftmaxCrossEntropy()`` when omitted, and not
+      allowed when the model (a Sequential) already ends with one.
+    - ``optimizer``: built over ``model.parameters()``; ``Adam(lr=1e-3)`` when
+      omitted. It must cover every parameter of the model.
+    - ``seed``: seeds the order of the examples in every epoch (an int or a
+      ``numpy.random.Generator``), so equal seeds give equal runs.
+    - ``validation``: ``(X_val, y_val)``, evaluated after every epoch.
+    - ``progress``: ``True`` shows a progress bar (``tqdm``, when installed and
+      the output is a terminal or a notebook) or else prints one line per epoch;
+      ``"plain"`` always prints the lines; ``False`` prints nothing.
+    - ``file``: where progress goes (``sys.stdout`` by default).
+
+    Every argument is checked before the first step. An error during training
+    (a NaN gradient, say) leaves the parameters as the last complete step left them.
+    """
+    if progress not in (True, False, "plain"):
+        raise ValueError(f"fit: progress must be True, False or 'plain', got {progress!r}")
+    epochs = _positive_int("epochs", epochs)
+    batch_size = _positive_int("batch_size", batch_size)
+    X, y = _data("training", X, y)
+    val = _data("validation", *validation) if validation is not None else None
+    net = _Net(model, loss)
+    params = net.parameters()
+    if optimizer is None:
+        optimizer = Adam(params, lr=1e-3)
+    elif not isinstance(optimizer, Optimizer):
+        raise TypeError(f"fit: optimizer must be an Optimizer, got {type(optimizer).__name__}")
+    missing = [p for p in params if p not in optimizer.state]
+    if missing:
+        names = {id(p): n for n, p in model.named_parameters().items()}
+        listed = ", ".join(names.get(id(p), repr(p)) for p in missing)
+        raise ValueError(
+            f"fit: the optimizer does not hold these parameters of the model: {listed}; "
+            f"build it over model.parameters()"
+        )
+    rng = np.random.default_rng(seed)
+    out = sys.stdout if file is None else file
+    bar = _progress_bar_factory(out) if progress is True else None
+    classify = _is_classification(y)
+    history = History()
+    n = X.shape[0]
+    n_batches = -(-n // batch_size)
+    width = len(str(epochs))
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)
+        label = f"epoch {epoch:>{width}}/{epochs}"
+        pbar = (
+            bar(total=n_batches, desc=label, leave=True, file=out, mininterval=0.2) if bar else None
+        )
+        total, correct = 0.0, 0
+        try:
+            for b in range(n_batches):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                J, y_hat, grads = net.step(X[idx], y[idx])
+                optimizer.step(grads)
+                total += J * idx.size
+                correct += _n_correct(y_hat, y[idx])
+                if pbar is not None:
+                    pbar.update(1)
+                    if b % 10 == 0 or b == n_batches - 1:
+                        seen = b * batch_size + idx.size
+                        pbar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
+            history.epoch.append(epoch)
+            history.train_loss.append(total / n)
+            history.train_accuracy.append(correct / n if classify else math.nan)
+            if val is not None:
+                val_loss, val_acc = net.evaluate(*val, batch_size=max(batch_size, 256))
+                history.val_loss.append(val_loss)
+                history.val_accuracy.append(val_acc)
+            history.seconds.append(time.perf_counter() - start)
+            if pbar is not None:
+                pbar.set_postfix_str(_summary(history, -1))
+        finally:
+            if pbar is not None:
+                pbar.close()
+        if progress and pbar is None:
+            print(f"{label}  {_summary(history, -1)}  ({history.seconds[-1]:.1f} s)", file=out)
+    return history
+
+
+def predict(model: Any, X: Any, *, batch_size: int = 1024) -> np.ndarray:
+    """The model's output for ``X`` (``(N, *features)``), computed in chunks.
+
+    For a Sequential that ends with a loss, this is the input of the loss (the
+    logits). The operating point is not cached when the model's ``forward``
+    accepts ``cache=False``.
+    """
+    batch_size = _positive_int("batch_size", batch_size)
+    X = np.asarray(X)
+    if X.ndim == 0 or X.shape[0] == 0:
+        raise ValueError(f"predict: X must be a non-empty batch (N, ...), got shape {X.shape}")
+    net = _Net(model, None)
+    chunks = [net.predict(X[i : i + batch_size]) for i in range(0, X.shape[0], batch_size)]
+    return np.concatenate(chunks, axis=0)
+
+
+def accuracy(model: Any, X: Any, y: Any, *, batch_size: int = 1024) -> float:
+    """The fraction of examples whose largest output is at the label: ``mean(argmax = y)``."""
+    X, y = np.asarray(X), np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"accuracy: y must be integer labels of shape ({X.shape[0] if X.ndim else '?'},), "
+            f"got dtype {y.dtype} and shape {y.shape}"
+        )
+    y_hat = predict(model, X, batch_size=batch_size)
+    if y_hat.ndim != 2:
+        raise ValueError(f"accuracy: the model's output has shape {y_hat.shape}, not (N, C)")
+    return float(np.mean(np.argmax(y_hat, axis=1) == y))
