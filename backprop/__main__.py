@@ -57,7 +57,7 @@ def _parser() -> _Parser:
             "digits, run the three-way gradcheck on the trained network, write figures, and "
             "end with the line 'test accuracy: 0.xx'."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
     )
     demo.add_argument(
@@ -68,13 +68,25 @@ def _parser() -> _Parser:
         metavar="N",
         help="hidden layer sizes: one Linear → ReLU per size",
     )
-    demo.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"], metavar="N")
+    demo.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULTS["epochs"],
+        metavar="N",
+        help="passes over the training set",
+    )
     demo.add_argument(
         "--lr", type=_positive, default=DEFAULTS["lr"], metavar="RATE", help="learning rate η"
     )
-    demo.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"])
     demo.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULTS["batch_size"], metavar="N"
+        "--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"], help="the update rule"
+    )
+    demo.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULTS["batch_size"],
+        metavar="N",
+        help="examples per minibatch",
     )
     demo.add_argument(
         "--weight-decay",
@@ -114,6 +126,15 @@ def _parser() -> _Parser:
         help="print one plain line per epoch instead of a progress bar",
     )
     return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off flags (their default is 'off')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

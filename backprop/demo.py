@@ -226,8 +226,8 @@ def run(
             say(
                 f"gradcheck on {k} test examples: {len(report.checks)} comparisons passed in "
                 f"{time.perf_counter() - t:.1f} s; worst relative error {worst:.1e} "
-                f"(finite differences, largest at entries near zero), {exact:.1e} between "
-                f"the fast backward pass and the explicit Jacobians"
+                f"(against finite differences), {exact:.1e} between the fast backward pass "
+                f"and the explicit Jacobians"
             )
         except AssertionError as e:
             failure = e
