@@ -321,6 +321,22 @@ def _check_one(
 # -- whole graphs ----------------------------------------------------------------------
 
 
+def _three_way(
+    check: _Checker,
+    what: str,
+    fast: np.ndarray,
+    explicit: np.ndarray,
+    f: Callable[[np.ndarray], float],
+    x: np.ndarray,
+    eps: float,
+) -> None:
+    """Fast path, explicit Algorithm 14.1 and finite differences of a scalar ``f`` agree."""
+    numeric = numerical_jacobian(f, x, eps)[0]
+    check.compare(f"{what}: fast backward vs explicit Algorithm 14.1", fast, explicit)
+    check.compare(f"{what}: fast backward vs finite differences", fast, numeric)
+    check.compare(f"{what}: explicit Algorithm 14.1 vs finite differences", explicit, numeric)
+
+
 def gradcheck_graph(
     graph: Graph,
     inputs: Mapping[str, Any],
@@ -406,16 +422,7 @@ def gradcheck_graph(
             def f_x(v: np.ndarray, key: str = key) -> float:
                 return phi(**{key: v})
 
-            numeric = numerical_jacobian(f_x, x, eps)[0]
-            check.compare(
-                f"{what}: fast backward vs explicit Algorithm 14.1", g_fast, explicit.inputs[key]
-            )
-            check.compare(f"{what}: fast backward vs finite differences", g_fast, numeric)
-            check.compare(
-                f"{what}: explicit Algorithm 14.1 vs finite differences",
-                explicit.inputs[key],
-                numeric,
-            )
+            _three_way(check, what, g_fast, explicit.inputs[key], f_x, x, eps)
             direction.append((g_fast, rng.standard_normal(x.shape)))
         for pname, p in named.items():
             what = f"parameter {pname!r}"
@@ -428,18 +435,9 @@ def gradcheck_graph(
                 return phi()
 
             try:
-                numeric = numerical_jacobian(f_p, original, eps)[0]
+                _three_way(check, what, g_fast, explicit.params[p], f_p, original, eps)
             finally:
                 p.value = original
-            check.compare(
-                f"{what}: fast backward vs explicit Algorithm 14.1", g_fast, explicit.params[p]
-            )
-            check.compare(f"{what}: fast backward vs finite differences", g_fast, numeric)
-            check.compare(
-                f"{what}: explicit Algorithm 14.1 vs finite differences",
-                explicit.params[p],
-                numeric,
-            )
             direction.append((g_fast, rng.standard_normal(p.shape)))
         if direction:
             _directional(check, graph, feed, named, fast, direction, phi, eps)
