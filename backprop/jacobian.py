@@ -25,6 +25,8 @@ This module knows nothing of layers.
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -588,16 +590,135 @@ def add(a: Jacobian, b: Jacobian) -> Jacobian:
 def explicit_vjp(L: Jacobian, g: np.ndarray, sum_batch: bool = False) -> np.ndarray:
     """``g L`` through an explicit ``scipy.sparse`` matrix (Algorithm 14.1, literally).
 
-    A Jacobian shared by the batch is one sparse matrix for all rows of ``g``.
-    Otherwise the batch is stacked: ``sum_batch`` uses the ``(B*M, N)`` stack
-    (a parameter gradient, eq. 14.11), and the per-example product uses the
-    block-diagonal ``(B*M, B*N)`` matrix.
+    A Jacobian shared by the batch is one sparse matrix for all rows of ``g``
+    (for ``sum_batch``, ``Σ_b g_b L = (Σ_b g_b) L``: one product). Otherwise the
+    batch is stacked: ``sum_batch`` uses the ``(B*M, N)`` stack (a parameter
+    gradient, eq. 14.11), and the per-example product uses the block-diagonal
+    ``(B*M, B*N)`` matrix.
+
+    These are the matrices of ``to_sparse``, ``stacked_sparse`` and
+    ``block_diagonal``, with every entry of the structure stored (a ``Dense``
+    block keeps its zeros). For the common kinds they are assembled here from
+    index arrays cached per shape, since the sparsity pattern depends on the
+    shapes alone and only the values change from call to call.
     """
+    B, (M, N) = L.batch, L.shape
     if L.shared:
-        S = L.to_sparse(0)
-        out = np.asarray(S.T @ g.T).T
-        return out.sum(axis=0) if sum_batch else out
+        v = g.sum(axis=0) if sum_batch else g.T
+        if isinstance(L, Dense):
+            out = _times_transpose("full", (M, N), np.ascontiguousarray(L.A).ravel(), v)
+        elif isinstance(L, Identity):
+            out = _times_transpose("diag", (M,), np.ones(M, dtype=L.dtype), v)
+        else:
+            out = np.asarray(L.to_sparse(0).T @ v)
+        return out if sum_batch else out.T
     if sum_batch:
-        return np.asarray(L.stacked_sparse().T @ g.ravel())
-    flat = np.asarray(L.block_diagonal().T @ g.ravel())
-    return flat.reshape(L.batch, L.shape[1])
+        v = g.ravel()
+        if isinstance(L, Kronecker):
+            # Row b*m + i of the stack holds x_b at columns i*n ...: x tiled m times per row.
+            data = np.tile(L.x, (1, L.m)).ravel()
+            return _times_transpose("kron", (B, L.m, L.x.shape[1]), data, v)
+        if isinstance(L, Diagonal):
+            return _times_transpose("diags", (B, N), np.ascontiguousarray(L.d).ravel(), v)
+        if isinstance(L, Dense):
+            return _times_transpose("full", (B * M, N), np.ascontiguousarray(L.A).ravel(), v)
+        return np.asarray(L.stacked_sparse().T @ v)
+    v = g.ravel()
+    if isinstance(L, Diagonal):
+        flat = _times_transpose("diag", (B * N,), np.ascontiguousarray(L.d).ravel(), v)
+    elif isinstance(L, Dense):
+        flat = _times_transpose("blocks", (B, M, N), np.ascontiguousarray(L.A).ravel(), v)
+    else:
+        flat = np.asarray(L.block_diagonal().T @ v)
+    return flat.reshape(B, N)
+
+
+# -- explicit_vjp's matrices: cached sparsity patterns -------------------------
+
+
+#: Patterns with more stored entries than this are built for each use, not kept.
+_CACHE_ENTRIES = 1 << 22
+
+
+def _pattern(kind: str, *dims: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """``_build_pattern``, kept for reuse unless the pattern is large."""
+    if int(np.prod(dims, dtype=np.int64)) <= _CACHE_ENTRIES:
+        return _cached_pattern(kind, *dims)
+    return _build_pattern(kind, *dims)
+
+
+def _build_pattern(kind: str, *dims: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """``(indices, indptr, shape)`` of a CSR pattern that depends only on shapes.
+
+    - ``"full", R, N``: ``R × N``, every entry stored;
+    - ``"diag", K``: the diagonal of a ``K × K`` matrix;
+    - ``"diags", B, N``: ``B`` stacked ``N × N`` diagonals, ``(B*N, N)``;
+    - ``"blocks", B, M, N``: ``B`` full ``M × N`` blocks on the diagonal,
+      ``(B*M, B*N)``;
+    - ``"kron", B, m, n``: ``B`` stacked ``I_m ⊗ x_bᵀ``, ``(B*m, m*n)``: row
+      ``b*m + i`` holds columns ``i*n .. i*n + n-1``.
+
+    The arrays are read-only (int32 where the sizes allow).
+    """
+    if kind == "full":
+        R, N = dims
+        shape, per_row = (R, N), N
+        indices = np.tile(np.arange(N, dtype=_index_dtype(R * N + 1)), R)
+    elif kind == "diag":
+        (K,) = dims
+        shape, per_row = (K, K), 1
+        indices = np.arange(K, dtype=_index_dtype(K + 1))
+    elif kind == "diags":
+        B, N = dims
+        shape, per_row = (B * N, N), 1
+        indices = np.tile(np.arange(N, dtype=_index_dtype(B * N + 1)), B)
+    elif kind == "blocks":
+        B, M, N = dims
+        shape, per_row = (B * M, B * N), N
+        it = _index_dtype(B * M * N + 1, B * N)
+        starts = np.arange(B, dtype=it)[:, None, None] * it(N)
+        indices = np.broadcast_to(starts + np.arange(N, dtype=it), (B, M, N)).ravel()
+    elif kind == "kron":
+        B, m, n = dims
+        shape, per_row = (B * m, m * n), n
+        indices = np.tile(np.arange(m * n, dtype=_index_dtype(B * m * n + 1)), B)
+    else:
+        raise ValueError(f"unknown sparsity pattern {kind!r}")
+    indptr = np.arange(shape[0] + 1, dtype=indices.dtype) * indices.dtype.type(per_row)
+    indices.flags.writeable = False
+    indptr.flags.writeable = False
+    return indices, indptr, shape
+
+
+_cached_pattern = functools.lru_cache(maxsize=64)(_build_pattern)
+
+
+_workspace = threading.local()
+
+
+def _times_transpose(kind: str, dims: tuple[int, ...], data: np.ndarray, v: np.ndarray) -> Any:
+    """``Sᵀ @ v`` for the CSR matrix ``S`` of pattern ``(kind, dims)`` holding ``data``.
+
+    The CSR arrays of ``S`` are the CSC arrays of ``Sᵀ``, so ``Sᵀ`` is built
+    directly, without a transpose. Its scipy array is built once per pattern
+    (per thread) and then only given the new values: that skips scipy's
+    constructor checks, which cost more than the product for small matrices.
+    The array never leaves this function, and it drops the values after use.
+    """
+    arrays: dict[tuple[Any, ...], Any] = _workspace.__dict__.setdefault("arrays", {})
+    key = (kind, dims)
+    St = arrays.get(key)
+    if St is None:
+        indices, indptr, (rows, cols) = _pattern(kind, *dims)
+        St = sp.csc_array((data, indices, indptr), shape=(cols, rows), copy=False)
+        if data.size > _CACHE_ENTRIES:
+            return np.asarray(St @ v)  # too large to keep
+        if len(arrays) >= 64:
+            arrays.clear()
+        arrays[key] = St
+    else:
+        St.data = data  # same pattern, so the same number of entries
+    try:
+        return np.asarray(St @ v)
+    finally:
+        St.data = data[:0]

@@ -128,6 +128,12 @@ def check_float(where: str, what: str, x: Any, dtype: np.dtype[Any] | None = Non
     return x
 
 
+#: ``dJ/dJ = 1`` in each float dtype, read-only: a loss's default ``g_out``.
+_ONE = {dtype: np.ones((), dtype=dtype) for dtype in FLOAT_DTYPES}
+for _one in _ONE.values():
+    _one.flags.writeable = False
+
+
 def _owned(x: np.ndarray) -> np.ndarray:
     """A read-only array whose contents nobody else can change."""
     if x.flags.writeable:
@@ -147,6 +153,13 @@ class Layer:
 
     inputs: tuple[str, ...] = ("x_in",)
     label_inputs: frozenset[str] = frozenset()
+    #: True when the class keeps ``Layer._dtype`` (set for every subclass), so the
+    #: common path of ``forward`` may inline it.
+    _default_dtype = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._default_dtype = cls._dtype is Layer._dtype
 
     def __init__(self) -> None:
         self.params: dict[str, Parameter] = {}
@@ -161,7 +174,9 @@ class Layer:
         until the next cached ``forward``.
         """
         arrays = self._validate_inputs(x_in)
-        op = OperatingPoint(arrays, {name: p._value for name, p in self.params.items()})
+        params = self.params
+        theta = {name: p._value for name, p in params.items()} if params else {}
+        op = OperatingPoint(arrays, theta)
         x_out = self._forward(op, *arrays)
         if isinstance(x_out, np.ndarray) and x_out.flags.writeable:
             x_out.flags.writeable = False
@@ -179,9 +194,10 @@ class Layer:
         every input when ``input_grad=False``). ``grads`` maps each parameter
         name to ``dJ/dθ`` in the parameter's shape, summed over the batch.
         """
-        op = self._operating_point("backward")
-        g = self._validate_g_out(op, g_out)
-        return self._backward(op, g, input_grad)
+        op = self._op
+        if op is None:
+            op = self._operating_point("backward")  # raises, naming the layer
+        return self._backward(op, self._validate_g_out(op, g_out), input_grad)
 
     def jacobians(self) -> tuple[Any, dict[str, Jacobian]]:
         """``(L_x, {name: L_theta})`` at the cached operating point.
@@ -254,14 +270,23 @@ class Layer:
             # below, which also words the errors.
             x = x_in[0]
             if type(x) is np.ndarray and x.ndim and x.dtype in FLOAT_DTYPES:
-                dtype = self._dtype()
-                if dtype is None or x.dtype == dtype:
+                if self._default_dtype:  # Layer._dtype, inlined: the first parameter's dtype
+                    params = self.params
+                    ok = not params or x.dtype == next(iter(params.values()))._value.dtype
+                else:
+                    dtype = self._dtype()
+                    ok = dtype is None or x.dtype == dtype
+                if ok:
                     if x.flags.writeable:
                         x = _owned(x)
                     if self._check is not None:
                         self._check(x)
                     return (x,)
-        elif len(x_in) == 2 and len(self.inputs) == 2 and self._dtype() is None:
+        elif (
+            len(x_in) == 2
+            and len(self.inputs) == 2
+            and (not self.params if self._default_dtype else self._dtype() is None)
+        ):
             # The other common case: a loss's prediction and its target (same dtype,
             # or integer labels where the layer declares them).
             x, t = x_in
@@ -370,7 +395,7 @@ class Loss(Layer):
 
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
-            return np.ones((), dtype=op.x_out.dtype)
+            return _ONE[op.x_out.dtype]
         if isinstance(g_out, int | float):  # a Python number takes the loss's dtype
             return np.asarray(g_out, dtype=op.x_out.dtype)
         g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)

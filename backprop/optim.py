@@ -72,44 +72,72 @@ class Optimizer:
         self.state: dict[Parameter, dict[str, Any]] = {p: {} for p in self.params}
 
     def _checked(self, grads: Any) -> list[tuple[Parameter, np.ndarray]]:
-        name = type(self).__name__
-        grads = getattr(grads, "params", grads)
-        if not isinstance(grads, Mapping):
+        if type(grads) is not dict:
+            grads = getattr(grads, "params", grads)
+        if type(grads) is not dict and not isinstance(grads, Mapping):
             raise TypeError(
-                f"{name}.step takes a mapping {{Parameter: gradient}}, got {type(grads).__name__}"
+                f"{type(self).__name__}.step takes a mapping {{Parameter: gradient}}, "
+                f"got {type(grads).__name__}"
             )
+        state = self.state
         items = []
         for p, g in grads.items():
-            if not isinstance(p, Parameter):
-                raise TypeError(
-                    f"{name}.step: keys must be Parameters, got {p!r}; for one layer's "
-                    f"grads use {{layer.params[name]: g for name, g in grads.items()}}"
-                )
-            if p not in self.state:
-                raise ValueError(f"{name}.step: {p!r} is not one this optimizer updates")
-            g = np.asarray(g)
-            if g.shape != p.shape:
-                raise ValueError(
-                    f"{name}.step: gradient for {p!r} has shape {g.shape}, expected {p.shape}"
-                )
-            if g.dtype.kind != "f":
-                raise TypeError(f"{name}.step: gradient for {p!r} has dtype {g.dtype}")
+            # The common case first, in as few operations as it takes: a Parameter this
+            # optimizer updates, and a float array of its shape and dtype.
+            if type(g) is not np.ndarray:
+                g = np.asarray(g)
+            if not (
+                isinstance(p, Parameter)
+                and p in state
+                and g.shape == p._value.shape
+                and g.dtype == p._value.dtype
+            ):
+                g = self._convert(p, g)
             # A NaN or inf anywhere makes Σ g² non-finite: one BLAS dot product, and the
             # exact test only when it fires (huge finite entries may also overflow it).
             if not math.isfinite(np.vdot(g, g)) and not np.all(np.isfinite(g)):
                 raise ValueError(
-                    f"{name}.step: gradient for {p!r} has {int(np.sum(~np.isfinite(g)))} "
-                    f"non-finite entries (NaN or inf); no parameter was updated"
+                    f"{type(self).__name__}.step: gradient for {p!r} has "
+                    f"{int(np.sum(~np.isfinite(g)))} non-finite entries (NaN or inf); "
+                    f"no parameter was updated"
                 )
-            items.append((p, g if g.dtype == p.dtype else g.astype(p.dtype)))
+            items.append((p, g))
         return items
+
+    def _convert(self, p: Any, g: np.ndarray) -> np.ndarray:
+        """``g`` in ``p``'s dtype after the checks, or the error that says what is wrong."""
+        name = type(self).__name__
+        if not isinstance(p, Parameter):
+            raise TypeError(
+                f"{name}.step: keys must be Parameters, got {p!r}; for one layer's "
+                f"grads use {{layer.params[name]: g for name, g in grads.items()}}"
+            )
+        if p not in self.state:
+            raise ValueError(f"{name}.step: {p!r} is not one this optimizer updates")
+        if g.shape != p.shape:
+            raise ValueError(
+                f"{name}.step: gradient for {p!r} has shape {g.shape}, expected {p.shape}"
+            )
+        if g.dtype.kind != "f":
+            raise TypeError(f"{name}.step: gradient for {p!r} has dtype {g.dtype}")
+        return g if g.dtype == p.dtype else g.astype(p.dtype)
 
     def step(self, grads: Any) -> None:
         """Update every Parameter that has a gradient in ``grads``; all or nothing."""
-        updates = [(p, *self._update(p, g, self.state[p])) for p, g in self._checked(grads)]
-        for p, value, state in updates:
-            p.value = value
-            self.state[p] = state
+        state = self.state
+        updates = []
+        for p, g in self._checked(grads):
+            value, new_state = self._update(p, g, state[p])
+            value = np.asarray(value)
+            if value.shape != p._value.shape or value.dtype != p._value.dtype:
+                raise ValueError(  # checked before any Parameter changes
+                    f"{type(self).__name__}.step: the update of {p!r} has shape "
+                    f"{value.shape} and dtype {value.dtype}; no parameter was updated"
+                )
+            updates.append((p, value, new_state))
+        for p, value, new_state in updates:
+            p._value = value
+            state[p] = new_state
 
     def _decayed(self, p: Parameter, g: np.ndarray) -> np.ndarray:
         """``g + λθ``: the gradient of ``J + (λ/2)‖θ‖²``."""
@@ -149,15 +177,32 @@ class SGD(Optimizer):
         super().__init__(params, lr, weight_decay=weight_decay)
         self.momentum = _rate("SGD", "momentum", momentum, 0.0, 1.0, open_low=False)
 
+    def step(self, grads: Any) -> None:
+        """Update every Parameter that has a gradient in ``grads``; all or nothing."""
+        if self.momentum or self.weight_decay:
+            super().step(grads)
+            return
+        # Plain θ ← θ - ηg keeps no state: the same update as ``_update``, in one loop.
+        # Every gradient is checked (shape, dtype, finite) before any new value exists.
+        step = -self.lr
+        news = []
+        for p, g in self._checked(grads):
+            new = g * step  # one new array, then θ added in place: θ - ηg, same rounding
+            new += p._value
+            news.append((p, new))
+        for p, new in news:
+            p._value = new
+
     def _update(
         self, p: Parameter, g: np.ndarray, state: dict[str, Any]
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        g = self._decayed(p, g)
+        if self.weight_decay:
+            g = self._decayed(p, g)
         if self.momentum:
             g = self.momentum * state["v"] + g if "v" in state else g
             state = {"v": g}
         new = g * -self.lr  # one new array, then θ added in place: θ - ηg, same rounding
-        new += p.value
+        new += p._value
         return new, state
 
     def _options(self) -> dict[str, Any]:

@@ -15,6 +15,9 @@ import numpy as np
 from backprop.jacobian import Dense, Jacobian
 from backprop.layer import Loss, OperatingPoint
 
+#: Each signed integer dtype's unsigned twin, for the one-reduction label check.
+_UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+
 
 class L2Loss(Loss):
     """``J = (1/B) Σ_b ‖ŷ_b - y_b‖²`` (eq. 14.34, averaged as in eq. 14.11).
@@ -69,6 +72,12 @@ class SoftmaxCrossEntropy(Loss):
     inputs = ("logits", "labels")
     label_inputs = frozenset({"labels"})
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._starts = np.arange(0)  # cached b*C for b = 0..B-1: where each row starts
+        self._ones = np.ones(0)  # cached C ones: row sums as one matrix-vector product
+        self._batch_ones = np.ones(0)  # cached B ones: the batch sum as one dot product
+
     def _check(self, logits: np.ndarray, labels: np.ndarray) -> None:
         if logits.ndim != 2:
             raise ValueError(
@@ -80,9 +89,16 @@ class SoftmaxCrossEntropy(Loss):
                 f"({logits.shape[0]},) for logits of shape {logits.shape}"
             )
         C = logits.shape[1]
-        # One reduction checks both ends: viewed as unsigned, a negative label is huge.
-        unsigned = labels.view(f"u{labels.dtype.itemsize}") if labels.dtype.kind == "i" else labels
-        if labels.size and unsigned.max() >= C:
+        if not labels.size:
+            return
+        if labels.dtype.kind == "u":
+            outside = labels.max() >= C
+        elif labels.dtype in _UNSIGNED:
+            # One reduction checks both ends: viewed as unsigned, a negative label is huge.
+            outside = labels.view(_UNSIGNED[labels.dtype]).max() >= C
+        else:  # a signed dtype in the other byte order
+            outside = labels.min() < 0 or labels.max() >= C
+        if outside:
             bad = labels[(labels < 0) | (labels >= C)]
             raise ValueError(
                 f"SoftmaxCrossEntropy: labels must lie in 0..{C - 1} for logits of shape "
@@ -90,24 +106,42 @@ class SoftmaxCrossEntropy(Loss):
             )
 
     def _forward(self, op: OperatingPoint, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        B = logits.shape[0]
-        rows = np.arange(B)
-        p = logits - logits.max(axis=1, keepdims=True)  # shifted logits
-        picked = p[rows, labels]
+        B, C = logits.shape
+        starts = self._starts
+        if starts.shape[0] != B or (B > 1 and starts[1] != C):
+            starts = self._starts = np.arange(0, B * C, C, dtype=np.intp)
+        ones = self._ones
+        if ones.shape[0] != C or ones.dtype != logits.dtype:
+            ones = self._ones = np.ones(C, dtype=logits.dtype)
+        # Each row's maximum m_b. With few classes, numpy reduces a transposed copy
+        # (C rows of B) about twice as fast as the B short rows.
+        if C <= 64:
+            m = np.ascontiguousarray(logits.T).max(axis=0)
+        else:
+            m = logits.max(axis=1)
+        p = logits - m[:, None]  # shifted logits, every entry <= 0
+        if labels.dtype != np.intp:  # labels are checked to lie in 0..C-1: this is exact
+            labels = labels.astype(np.intp)
+        flat = starts + labels  # the index of z_{b, y_b} in the flattened logits
+        picked = p.ravel()[flat]
         np.exp(p, out=p)
-        total = p.sum(axis=1, keepdims=True)
-        p /= total  # softmax(z), kept for backward
+        total = p @ ones  # Σ_c e^{z_bc - m_b}, each >= 1
+        p /= total[:, None]  # softmax(z), kept for backward
         op.saved["p"] = p
-        op.saved["rows"] = rows
+        op.saved["flat"] = flat
         # J = mean_b (log Σ_c e^{z_bc - m_b} - (z_{b,y_b} - m_b))
-        return np.asarray((np.log(total).sum() - picked.sum()) / B, dtype=logits.dtype)
+        lse = np.log(total)
+        lse -= picked
+        batch_ones = self._batch_ones
+        if batch_ones.shape[0] != B or batch_ones.dtype != logits.dtype:
+            batch_ones = self._batch_ones = np.ones(B, dtype=logits.dtype)
+        return np.asarray(np.dot(lse, batch_ones) / B, dtype=logits.dtype)
 
     def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
         """``scale · ∂J/∂z = scale · (softmax(z) - onehot(y)) / B`` (a new array)."""
-        labels = op.x_in[1]
         e = op.saved["p"].copy()
-        e[op.saved["rows"], labels] -= 1
-        e *= scale / labels.shape[0]
+        e.ravel()[op.saved["flat"]] -= 1  # e is a fresh C-contiguous array: ravel is a view
+        e *= scale / e.shape[0]
         return e
 
     def _backward(
