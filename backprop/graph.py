@@ -77,6 +77,12 @@ class Sequential:
                     f"Sequential: layer {i} ({layer!r}) takes {len(layer.inputs)} inputs; only the "
                     f"last layer of a chain may take more (a loss and its target)"
                 )
+            if not last and isinstance(layer, Branch):
+                raise ValueError(
+                    f"Sequential: layer {i} ({layer!r}) has {layer.n} outputs, but each layer of a "
+                    f"chain takes one input; fan-out needs a Graph (g.add(layer, x) uses a value "
+                    f"twice)"
+                )
 
     # -- Algorithm 14.1 ---------------------------------------------------------
     def forward(self, x: Any, *targets: Any, cache: bool = True) -> np.ndarray:
@@ -122,9 +128,13 @@ class Sequential:
             raise ValueError(f"Sequential.backward: mode must be one of {MODES}, got {mode!r}")
         if per_example and mode != "fast":
             raise ValueError("Sequential.backward: per_example=True runs in mode='fast' only")
-        for i, layer in enumerate(self.layers):
-            if layer._op is None:  # the message is built only when it is needed
-                layer._operating_point(f"backward (layer {i} of the Sequential)")
+        self._require_operating_points("backward")
+        last = self.layers[-1]
+        if g_L is None and not isinstance(last, Loss):
+            raise TypeError(
+                f"Sequential.backward needs g_L = dJ/dx_L, shape "
+                f"{last._op.x_out.shape}: the last layer {last!r} is not a loss"  # type: ignore[union-attr]
+            )
         grads: dict[Parameter, np.ndarray] = {}
         g = g_L
         for i in range(len(self.layers) - 1, -1, -1):
@@ -136,7 +146,8 @@ class Sequential:
             elif mode == "fast":
                 g_in, layer_grads = layer.backward(g, input_grad=need)
             else:
-                g_in, layer_grads = self._explicit_step(layer, g, need)
+                g_ins, layer_grads = _explicit_layer_step(layer, g, need)
+                g_in = g_ins[0]
             if isinstance(g_in, tuple):
                 g_in = g_in[0]
             for name, grad in layer_grads.items():
@@ -145,25 +156,19 @@ class Sequential:
             g = g_in
         return g, grads
 
-    @staticmethod
-    def _explicit_step(
-        layer: Layer, g_out: Any, need_input: bool
-    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-        """One step of the literal algorithm (lines 11–13) with sparse matrices."""
-        op = layer._operating_point("backward")
-        g_out = layer._validate_g_out(op, g_out)
-        L_x, L_theta = layer.jacobians()  # line 11: L_l = f'_l(x_{l-1}, θ_l)
-        x_in = op.x_in[0]
-        B = x_in.shape[0]
-        g = g_out.reshape(B, -1) if g_out.ndim else np.full((B, 1), g_out, dtype=g_out.dtype)
-        grads = {  # line 13
-            name: explicit_vjp(L, g, sum_batch=True).reshape(layer.params[name].shape)
-            for name, L in L_theta.items()
-        }
-        if not need_input:
-            return None, grads
-        L = L_x[0] if isinstance(L_x, tuple) else L_x
-        return explicit_vjp(L, g).reshape(x_in.shape), grads  # line 12
+    def _require_operating_points(self, what: str) -> None:
+        """A ``RuntimeError`` naming the first layer that has no cached forward."""
+        for i, layer in enumerate(self.layers):
+            if layer._op is None:
+                raise RuntimeError(
+                    f"Sequential.{what}: layer {i} ({layer!r}) has no operating point; "
+                    f"call forward() first (a forward with cache=False keeps none)"
+                )
+
+    @property
+    def reduces_batch(self) -> bool:
+        """True when the chain's output has no batch axis (its last layer's sums)."""
+        return self.layers[-1].reduces_batch
 
     # -- whole-chain Jacobians ----------------------------------------------------
     def jacobians(self, *, order: str = "auto") -> tuple[Jacobian, dict[Parameter, Jacobian]]:
@@ -181,8 +186,7 @@ class Sequential:
         if order not in ORDERS:
             raise ValueError(f"Sequential.jacobians: order must be one of {ORDERS}, got {order!r}")
         layers = self.layers
-        for i, layer in enumerate(layers):
-            layer._operating_point(f"jacobians (layer {i} of the Sequential)")
+        self._require_operating_points("jacobians")
         steps = []
         for layer in layers:
             L_x, L_th = layer.jacobians()
@@ -393,18 +397,6 @@ def _leaf_layers(layer: Any) -> list[Layer]:
     return leaves
 
 
-def _batch_rows(layer: Layer, op: OperatingPoint, g_out: np.ndarray) -> np.ndarray:
-    """``g_out`` as the ``(B, M)`` rows that the Jacobian products take.
-
-    An output with no batch axis (a loss, a layer with ``reduces_batch``) is the
-    sum of the examples' terms, so each example's row is all of ``g_out``.
-    """
-    if g_out.ndim and not getattr(layer, "reduces_batch", False):
-        return g_out.reshape(g_out.shape[0], -1)
-    B = op.x_in[0].shape[0]
-    return np.ascontiguousarray(np.broadcast_to(g_out.reshape(1, -1), (B, max(g_out.size, 1))))
-
-
 def _explicit_layer_step(
     layer: Layer, g_out: Any, input_grad: bool
 ) -> tuple[tuple[np.ndarray | None, ...], dict[str, np.ndarray]]:
@@ -425,7 +417,7 @@ def _explicit_layer_step(
             axis=1,
         )
     else:
-        g = _batch_rows(layer, op, layer._validate_g_out(op, g_out))
+        g = layer._g_rows(op, layer._validate_g_out(op, g_out))
     L_x, L_theta = layer.jacobians()  # line 11
     grads = {  # line 13
         name: explicit_vjp(L, g, sum_batch=True).reshape(layer.params[name].shape)

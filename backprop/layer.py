@@ -46,8 +46,11 @@ class Parameter:
     """A free parameter θ (chapter 14.1): an array set by learning.
 
     ``value`` may be replaced by an array of the same shape and dtype (the
-    optimizers do this). Passing one Parameter to several layers ties them
-    (chapter 14.8): their gradients add up.
+    optimizers do this). It is read-only: an operating point cached by
+    ``forward`` refers to it, so an in-place edit would silently change the
+    point that ``backward`` differentiates at. Assign a new array instead
+    (``p.value = p.value * 0.5``); the Parameter keeps its own copy. Passing one
+    Parameter to several layers ties them (chapter 14.8): their gradients add up.
     """
 
     def __init__(self, value: Any, name: str | None = None) -> None:
@@ -57,6 +60,7 @@ class Parameter:
                 f"Parameter{f' {name!r}' if name else ''}: value has dtype {array.dtype}; "
                 f"parameters are float32 or float64 (use np.asarray(value, dtype=np.float64))"
             )
+        array.flags.writeable = False
         self._value = array
         self.name = name
 
@@ -75,7 +79,19 @@ class Parameter:
             raise TypeError(
                 f"{self!r}: new value has dtype {new.dtype}, expected {self._value.dtype}"
             )
-        self._value = new
+        self._value = _owned(new)
+
+    def _assign(self, new: np.ndarray) -> None:
+        """Take ``new`` (checked by the caller) as the value, without a copy.
+
+        For an optimizer's freshly computed array, which nobody else holds: it is
+        only marked read-only. Any other array is copied, as by the setter.
+        """
+        if new.base is None and new.flags.owndata:
+            new.flags.writeable = False
+            self._value = new
+        else:
+            self._value = _owned(new)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,11 +151,31 @@ for _one in _ONE.values():
 
 
 def _owned(x: np.ndarray) -> np.ndarray:
-    """A read-only array whose contents nobody else can change."""
-    if x.flags.writeable:
+    """A read-only array whose contents nobody else can change.
+
+    ``x`` itself when it is read-only and so is every array it views; otherwise
+    a read-only copy (a read-only view of a writeable array can still change).
+    """
+    if x.flags.writeable or _views_writeable(x):
         x = x.copy()
         x.flags.writeable = False
     return x
+
+
+def _views_writeable(x: np.ndarray) -> bool:
+    """True if ``x`` is a view into memory that some array may still write."""
+    base = x.base
+    while base is not None:
+        flags = getattr(base, "flags", None)
+        if flags is None:  # a buffer that is not an array (bytes, memoryview, mmap)
+            try:
+                return not memoryview(base).readonly
+            except TypeError:  # not a buffer numpy could have read: assume writeable
+                return True
+        if flags.writeable:
+            return True
+        base = base.base
+    return False
 
 
 class Layer:
@@ -148,11 +184,15 @@ class Layer:
     Class attributes a subclass may set:
 
     - ``inputs``: names of the positional inputs (``("x_in",)`` by default);
-    - ``label_inputs``: names among them that hold integer labels (no gradient).
+    - ``label_inputs``: names among them that hold integer labels (no gradient);
+    - ``reduces_batch``: True when the output has no batch axis (a sum over the
+      examples, as a loss's ``J``).
     """
 
     inputs: tuple[str, ...] = ("x_in",)
     label_inputs: frozenset[str] = frozenset()
+    #: True for a layer whose output has no batch axis: a sum over the examples.
+    reduces_batch: bool = False
     #: True when the class keeps ``Layer._dtype`` (set for every subclass), so the
     #: common path of ``forward`` may inline it.
     _default_dtype = True
@@ -216,9 +256,8 @@ class Layer:
         ``B`` outer products), never from a Python loop over the examples.
         """
         op = self._operating_point("per_example_grads")
-        g = self._validate_g_out(op, g_out)
-        B = op.x_in[0].shape[0]
-        rows = g.reshape(B, -1) if g.ndim else np.full((B, 1), g, dtype=g.dtype)
+        rows = self._g_rows(op, self._validate_g_out(op, g_out))
+        B = rows.shape[0]
         _, L_theta = self._jacobians(op)
         return {
             name: L.vjp(rows).reshape(B, *self.params[name].shape) for name, L in L_theta.items()
@@ -234,13 +273,24 @@ class Layer:
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         raise NotImplementedError  # abstract
 
+    def _g_rows(self, op: OperatingPoint, g_out: np.ndarray) -> np.ndarray:
+        """``g_out`` as the ``(B, M)`` rows that the Jacobian products take.
+
+        An output with no batch axis (a loss's ``J``, or a layer with
+        ``reduces_batch``) is a sum of the examples' terms, so each example's row
+        is all of ``g_out``.
+        """
+        if g_out.ndim and not self.reduces_batch:
+            return g_out.reshape(g_out.shape[0], -1)
+        B = op.x_in[0].shape[0]
+        return np.ascontiguousarray(np.broadcast_to(g_out.reshape(1, -1), (B, max(g_out.size, 1))))
+
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
         """Default: multiply through the structured Jacobians."""
         L_x, L_theta = self._jacobians(op)
-        B = g_out.shape[0] if g_out.ndim else op.x_in[0].shape[0]
-        g = g_out.reshape(B, -1) if g_out.ndim else np.full((B, 1), g_out, dtype=g_out.dtype)
+        g = self._g_rows(op, g_out)
         grads = {name: L.vjp_sum(g).reshape(self.params[name].shape) for name, L in L_theta.items()}
         if not input_grad:
             return (None if len(self.inputs) == 1 else (None,) * len(self.inputs)), grads
@@ -277,8 +327,7 @@ class Layer:
                     dtype = self._dtype()
                     ok = dtype is None or x.dtype == dtype
                 if ok:
-                    if x.flags.writeable:
-                        x = _owned(x)
+                    x = _owned(x)
                     if self._check is not None:
                         self._check(x)
                     return (x,)

@@ -136,7 +136,7 @@ class Optimizer:
                 )
             updates.append((p, value, new_state))
         for p, value, new_state in updates:
-            p._value = value
+            p._assign(value)
             state[p] = new_state
 
     def _decayed(self, p: Parameter, g: np.ndarray) -> np.ndarray:
@@ -191,7 +191,7 @@ class SGD(Optimizer):
             new += p._value
             news.append((p, new))
         for p, new in news:
-            p._value = new
+            p._assign(new)
 
     def _update(
         self, p: Parameter, g: np.ndarray, state: dict[str, Any]
@@ -199,7 +199,8 @@ class SGD(Optimizer):
         if self.weight_decay:
             g = self._decayed(p, g)
         if self.momentum:
-            g = self.momentum * state["v"] + g if "v" in state else g
+            # The first velocity is a copy: the caller's gradient array stays theirs.
+            g = self.momentum * state["v"] + g if "v" in state else np.array(g, copy=True)
             state = {"v": g}
         new = g * -self.lr  # one new array, then θ added in place: θ - ηg, same rounding
         new += p._value

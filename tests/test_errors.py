@@ -68,7 +68,7 @@ def test_jacobians_before_forward() -> None:
 
 def test_sequential_backward_before_forward() -> None:
     net = bp.Sequential([bp.Linear(3, 2), bp.ReLU()])
-    with pytest.raises(RuntimeError, match=r"layer 0 of the Sequential"):
+    with pytest.raises(RuntimeError, match=r"Sequential.backward: layer 0 \(Linear\(3→2\)\) has no operating point"):
         net.backward(G)
 
 

@@ -379,3 +379,28 @@ def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
 
         numeric = bp.numerical_jacobian(f_theta, original)
         np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
+
+
+# -- parameters and read-only views cannot be changed behind the layer's back ----------
+
+
+def test_parameter_value_is_read_only_and_assigned_values_are_copied() -> None:
+    lin = bp.Linear(3, 2, rng=0)
+    with pytest.raises(ValueError, match="read-only"):
+        lin.W.value[0, 0] = 1.0
+    new = np.ones((2, 3))
+    lin.W.value = new
+    new[0, 0] = 7.0  # the caller's array is theirs: the Parameter kept a copy
+    assert lin.W.value[0, 0] == 1.0
+
+
+def test_forward_copies_a_read_only_view_of_a_writeable_array() -> None:
+    data = np.random.default_rng(0).standard_normal((4, 3))
+    original = data.copy()
+    view = data.view()
+    view.flags.writeable = False  # read-only, yet it shows whatever happens to ``data``
+    lin = bp.Linear(3, 2, rng=0)
+    lin.forward(view)
+    data[:] = 0.0
+    g = np.ones((4, 2))
+    np.testing.assert_array_equal(lin.backward(g)[1]["W"], g.T @ original)  # eq. 14.18

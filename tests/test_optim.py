@@ -209,3 +209,27 @@ def test_repr_names_the_settings() -> None:
     p = param(1.0)
     assert repr(bp.SGD([p], lr=0.1, momentum=0.9)) == "SGD(lr=0.1, momentum=0.9)"
     assert repr(bp.Adam([p], weight_decay=0.01)) == "Adam(lr=0.001, weight_decay=0.01)"
+
+
+# ------------------------------------------------------------------ ownership of arrays
+
+
+def test_momentum_keeps_its_own_copy_of_the_first_gradient() -> None:
+    # The caller reuses its gradient buffer after the step; the velocity must not follow.
+    p = param(1.0)
+    opt = bp.SGD([p], lr=0.1, momentum=0.9)
+    g = np.array([2.0])
+    opt.step({p: g})
+    g[0] = 100.0
+    np.testing.assert_array_equal(opt.state[p]["v"], [2.0])
+    opt.step({p: np.array([2.0])})  # v = 0.9·2 + 2 = 3.8, θ = 0.8 - 0.38
+    np.testing.assert_allclose(p.value, [0.42], rtol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda ps: bp.SGD(ps, lr=0.1), lambda ps: bp.Adam(ps)])
+def test_updated_values_are_read_only(make) -> None:
+    p = param(1.0, 2.0)
+    make([p]).step({p: np.array([0.5, 0.5])})
+    assert not p.value.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        p.value[0] = 3.0

@@ -368,3 +368,32 @@ def test_gradcheck_on_sequential_with_float_target():
     bad = bp.Sequential([OffLinear(3, 2, rng=rng), bp.Tanh(), bp.L2Loss()])
     with pytest.raises(bp.GradcheckError, match="analytic"):
         bp.gradcheck(bad, x, y)
+
+
+# -- layers whose output has no batch axis, and chains a Sequential cannot hold ----------
+
+
+def test_explicit_mode_through_a_layer_that_sums_the_batch() -> None:
+    # x_out = Σ_b tanh(W x_b + b): the explicit step must hand each example all of g_out.
+    rng = np.random.default_rng(3)
+    net = bp.Sequential([bp.Linear(3, 2, rng=rng), bp.Tanh(), bp.BatchSum()])
+    net.forward(rng.standard_normal((5, 3)))
+    g_L = rng.standard_normal(2)
+    fast_in, fast = net.backward(g_L)
+    slow_in, slow = net.backward(g_L, mode="explicit")
+    assert net.reduces_batch
+    rel_close(slow_in, fast_in, 1e-12)
+    for p in net.parameters():
+        rel_close(slow[p], fast[p], 1e-12)
+
+
+def test_a_branch_inside_a_chain_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"layer 1 \(Branch\(2\)\) has 2 outputs.*Graph"):
+        bp.Sequential([bp.Linear(3, 2), bp.Branch(2), bp.ReLU()])
+
+
+def test_non_loss_chain_without_g_L_names_the_missing_seed() -> None:
+    net = bp.Sequential([bp.Linear(3, 2), bp.ReLU()])
+    net.forward(np.ones((4, 3)))
+    with pytest.raises(TypeError, match=r"Sequential.backward needs g_L .*\(4, 2\)"):
+        net.backward()

@@ -188,9 +188,7 @@ class VJP(Layer):
         if not input_grad:
             return None, {}
         x = op.x_in[0]
-        B = x.shape[0]
-        u = np.broadcast_to(g_out.reshape(1, -1), (B, g_out.size)) if self.reduces_batch else g_out
-        u = np.ascontiguousarray(u.reshape(B, -1))
+        u = np.ascontiguousarray(self._g_rows(op, g_out))
         return np.asarray(self.L.jvp(u), dtype=x.dtype).reshape(x.shape), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
