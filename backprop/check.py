@@ -227,8 +227,8 @@ def gradcheck(
             )
     rng = np.random.default_rng(seed)
     check = _Checker(name, rtol, atol)
+    out = _forward_out(model, xs)  # a bad input fails here, once, before any perturbation
     try:
-        out = _forward_out(model, xs)
         scalar_out = out.ndim == 0 or bool(getattr(model, "reduces_batch", False))
         v = rng.standard_normal(out.shape) if g_out is None else np.asarray(g_out, np.float64)
         g_in, grads = model.backward(v if v.ndim else np.asarray(v))
@@ -385,8 +385,8 @@ def gradcheck_graph(
     rng = np.random.default_rng(seed)
     check = _Checker(name, rtol, atol)
     outs_names = graph.output_names()
+    outs = graph.forward(feed)  # a bad input fails here, once, before any perturbation
     try:
-        outs = graph.forward(feed)
         outs = outs if len(outs_names) > 1 else (outs,)
         if seeds is None:
             seed_list: list[Any] = [rng.standard_normal(np.shape(o)) for o in outs]

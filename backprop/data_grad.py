@@ -72,12 +72,16 @@ def _evaluate(
     fixed: Any,
     output: str | None,
     l2: float,
+    where: str = "input_gradient",
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """``(J, dJ/dx, x_out)``: what ``input_gradient`` computes, and the output."""
+    """``(J, dJ/dx, x_out)``: what ``input_gradient`` computes, and the output.
+
+    ``where`` names the public function in errors about its own arguments.
+    """
     x = check_float("input_gradient", "x", x)
     if x.ndim == 0:
         raise ValueError("input_gradient: x is a scalar; give a batch of shape (B, ...)")
-    l2 = _non_negative("l2", l2)
+    l2 = _non_negative(where, "l2", l2)
     if isinstance(model, Sequential):
         targets = () if fixed is None else tuple(fixed)
         x_out = model.forward(x, *targets)
@@ -173,7 +177,9 @@ def optimize_input(
     costs: list[float] = []
     values: list[float] = []
     for t in range(steps + 1):
-        J, g, x_out = _evaluate(model, p.value, objective, input, fixed, output, l2)
+        J, g, x_out = _evaluate(
+            model, p.value, objective, input, fixed, output, l2, "optimize_input"
+        )
         costs.append(J)
         if unit:
             index = _unit_index(objective, x_out, "the output")
@@ -192,10 +198,10 @@ def optimize_input(
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _non_negative(what: str, value: Any) -> float:
+def _non_negative(where: str, what: str, value: Any) -> float:
     v = float(value)
     if not v >= 0.0:
-        raise ValueError(f"optimize_input: {what} must be >= 0, got {value!r}")
+        raise ValueError(f"{where}: {what} must be >= 0, got {value!r}")
     return v
 
 

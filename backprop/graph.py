@@ -12,7 +12,7 @@ from typing import Any, cast
 import numpy as np
 
 from backprop.jacobian import Dense, Identity, Jacobian, explicit_vjp
-from backprop.layer import FLOAT_DTYPES, Layer, Loss, OperatingPoint, Parameter, check_float
+from backprop.layer import FLOAT_DTYPES, Layer, Loss, Parameter, check_float
 from backprop.layers.structure import Branch, Merge
 
 __all__ = [

@@ -68,7 +68,7 @@ def _bytes(n: int) -> str:
 class Jacobian:
     """Base class: a batch of ``B`` per-example matrices of shape ``(M, N)``.
 
-    Subclasses implement ``vjp``, ``jvp``, ``to_sparse`` and ``nnz``; the rest
+    Subclasses implement ``_vjp``, ``_jvp``, ``to_sparse`` and ``nnz``; the rest
     has a generic form here that a subclass overrides where its structure allows
     something cheaper.
     """
@@ -86,12 +86,29 @@ class Jacobian:
 
     # -- products --------------------------------------------------------
     def vjp(self, g: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # abstract
+        """``g_b L_b`` for every example: ``g`` is ``(B, M)``, the result ``(B, N)``."""
+        self._check_g(g)
+        return self._vjp(g)
 
     def vjp_sum(self, g: np.ndarray) -> np.ndarray:
-        return self.vjp(g).sum(axis=0)
+        """``Σ_b g_b L_b``, shape ``(N,)``: a parameter's gradient (eq. 14.11)."""
+        self._check_g(g)
+        return self._vjp_sum(g)
 
     def jvp(self, u: np.ndarray) -> np.ndarray:
+        """``L_b u_b`` for every example: ``u`` is ``(B, N)``, the result ``(B, M)``."""
+        self._check_u(u)
+        return self._jvp(u)
+
+    # A subclass writes ``_vjp`` and ``_jvp`` (and ``_vjp_sum`` where its structure
+    # sums the batch more cheaply); the public methods above check shapes first.
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
+        raise NotImplementedError  # abstract
+
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
+        return self.vjp(g).sum(axis=0)
+
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         raise NotImplementedError  # abstract
 
     # -- views -----------------------------------------------------------
@@ -160,15 +177,17 @@ class Jacobian:
 
     # -- helpers for subclasses ------------------------------------------
     def _check_g(self, g: np.ndarray) -> None:
-        if g.shape != (self.batch, self.shape[0]):
+        if np.shape(g) != (self.batch, self.shape[0]):
             raise ValueError(
-                f"{self!r}: g has shape {g.shape}, expected {(self.batch, self.shape[0])}"
+                f"{self!r}: vjp takes g of shape {(self.batch, self.shape[0])} (one row "
+                f"per example, one column per output entry), got {np.shape(g)}"
             )
 
     def _check_u(self, u: np.ndarray) -> None:
-        if u.shape != (self.batch, self.shape[1]):
+        if np.shape(u) != (self.batch, self.shape[1]):
             raise ValueError(
-                f"{self!r}: u has shape {u.shape}, expected {(self.batch, self.shape[1])}"
+                f"{self!r}: jvp takes u of shape {(self.batch, self.shape[1])} (one row "
+                f"per example, one column per input entry), got {np.shape(u)}"
             )
 
 
@@ -191,17 +210,17 @@ class Dense(Jacobian):
             raise ValueError(f"Dense: A must have shape (M, N) or (B, M, N), got {A.shape}")
         self.A = A
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         if self.shared:
             return g @ self.A
         return np.matmul(g[:, None, :], self.A)[:, 0, :]
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         if self.shared:
             return g.sum(axis=0) @ self.A
         return np.einsum("bm,bmn->n", g, self.A)
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         if self.shared:
             return u @ self.A.T
         return np.matmul(self.A, u[:, :, None])[:, :, 0]
@@ -233,13 +252,13 @@ class Diagonal(Jacobian):
         super().__init__((d.shape[1], d.shape[1]), d.shape[0], d.dtype, label)
         self.d = d
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return g * self.d
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return np.einsum("bn,bn->n", g, self.d)
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return u * self.d
 
     def _dense(self) -> np.ndarray:
@@ -272,13 +291,13 @@ class Identity(Jacobian):
     def __init__(self, n: int, batch: int, dtype: Any = np.float64, label: str = "I") -> None:
         super().__init__((n, n), batch, dtype, label)
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return g
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return g.sum(axis=0)
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return u
 
     def to_sparse(self, b: int = 0) -> sp.csr_array:
@@ -307,14 +326,14 @@ class Kronecker(Jacobian):
         self.m = m
         self.x = x
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         B, n = self.x.shape
         return (g[:, :, None] * self.x[:, None, :]).reshape(B, self.m * n)
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return (g.T @ self.x).ravel()
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         B, n = self.x.shape
         return np.matmul(u.reshape(B, self.m, n), self.x[:, :, None])[:, :, 0]
 
@@ -362,10 +381,10 @@ class Selection(Jacobian):
         super().__init__((m, n), batch, dtype, label)
         self.offset = offset
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return g[:, self.offset : self.offset + self.shape[1]]
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         out = np.zeros((u.shape[0], self.shape[0]), dtype=np.result_type(u, self.dtype))
         out[:, self.offset : self.offset + self.shape[1]] = u
         return out
@@ -391,10 +410,10 @@ class Tile(Jacobian):
         super().__init__((copies * n, n), batch, dtype, "[" + "; ".join(["I"] * copies) + "]")
         self.copies = copies
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return g.reshape(g.shape[0], self.copies, self.shape[1]).sum(axis=1)
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return np.tile(u, (1, self.copies))
 
     def to_sparse(self, b: int = 0) -> sp.csr_array:
@@ -417,13 +436,13 @@ class Sparse(Jacobian):
         super().__init__(S.shape, batch, S.dtype, label)
         self.S = S
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return np.asarray(self.S.T @ g.T).T
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return np.asarray(self.S.T @ g.sum(axis=0))
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return np.asarray(self.S @ u.T).T
 
     def to_sparse(self, b: int = 0) -> sp.csr_array:
@@ -453,13 +472,13 @@ class Product(Jacobian):
         self.outer, self.inner = outer, inner
         self.shared = outer.shared and inner.shared
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return self.inner.vjp(self.outer.vjp(g))
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return self.inner.vjp_sum(self.outer.vjp(g))
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return self.outer.jvp(self.inner.jvp(u))
 
     def _dense(self) -> np.ndarray:
@@ -501,13 +520,13 @@ class Sum(Jacobian):
         self.terms = terms
         self.shared = all(t.shared for t in terms)
 
-    def vjp(self, g: np.ndarray) -> np.ndarray:
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
         return sum((t.vjp(g) for t in self.terms[1:]), self.terms[0].vjp(g))
 
-    def vjp_sum(self, g: np.ndarray) -> np.ndarray:
+    def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         return sum((t.vjp_sum(g) for t in self.terms[1:]), self.terms[0].vjp_sum(g))
 
-    def jvp(self, u: np.ndarray) -> np.ndarray:
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
         return sum((t.jvp(u) for t in self.terms[1:]), self.terms[0].jvp(u))
 
     def _dense(self) -> np.ndarray:

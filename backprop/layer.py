@@ -164,7 +164,7 @@ def _owned(x: np.ndarray) -> np.ndarray:
 
 def _views_writeable(x: np.ndarray) -> bool:
     """True if ``x`` is a view into memory that some array may still write."""
-    base = x.base
+    base: Any = x.base
     while base is not None:
         flags = getattr(base, "flags", None)
         if flags is None:  # a buffer that is not an array (bytes, memoryview, mmap)
@@ -388,6 +388,16 @@ class Layer:
                 )
             arrays.append(_owned(x))
         if any(x.shape[0] != arrays[0].shape[0] for x in arrays):
+            if self._check is not None:
+                # The layer's own check may know the cause better (say, logits without a
+                # batch axis); it raises its ValueError or TypeError. Anything else it
+                # raises on these shapes is not a message for the user.
+                try:
+                    self._check(*arrays)
+                except (ValueError, TypeError):
+                    raise
+                except Exception:  # noqa: BLE001, S110
+                    pass
             shapes = ", ".join(f"{w} {x.shape}" for w, x in zip(self.inputs, arrays, strict=True))
             raise ValueError(f"{self!r}: inputs have different batch sizes: {shapes}")
         if self._check is not None:

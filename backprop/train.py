@@ -77,7 +77,7 @@ def _accepts_cache(forward: Any) -> bool:
 class _Net:
     """One interface over the models ``fit`` accepts: predict, and loss with gradients."""
 
-    def __init__(self, model: Any, loss: Layer | None) -> None:
+    def __init__(self, model: Any, loss: Layer | None, where: str = "fit") -> None:
         self.model = model
         layers: Any = getattr(model, "layers", None)
         own_loss = isinstance(layers, list) and bool(layers) and isinstance(layers[-1], Loss)
@@ -85,7 +85,7 @@ class _Net:
             ins, outs = tuple(model.input_names()), tuple(model.output_names())
             if len(ins) != 1 or len(outs) != 1:
                 raise ValueError(
-                    f"fit: a Graph used for training needs one data input and one output "
+                    f"{where}: a Graph used here needs one data input and one output "
                     f"(its prediction); this one has inputs {ins} and outputs {outs}. Leave "
                     f"the loss out of the Graph and pass it as loss="
                 )
@@ -93,7 +93,9 @@ class _Net:
         elif isinstance(layers, list) and hasattr(model, "backward"):  # a Sequential
             self.input_name = None
         else:
-            raise TypeError(f"fit: expected a Sequential or a Graph, got {type(model).__name__}")
+            raise TypeError(
+                f"{where}: expected a Sequential or a Graph, got {type(model).__name__}"
+            )
         if own_loss:
             if loss is not None:
                 raise ValueError(
@@ -219,9 +221,9 @@ def _summary(history: History, i: int) -> str:
 # ------------------------------------------------------------------ checks
 
 
-def _positive_int(what: str, value: Any) -> int:
+def _positive_int(what: str, value: Any, where: str = "fit") -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"fit: {what} must be a positive integer, got {value!r}")
+        raise ValueError(f"{where}: {what} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -348,11 +350,16 @@ def predict(model: Any, X: Any, *, batch_size: int = 1024) -> np.ndarray:
     logits). The operating point is not cached when the model's ``forward``
     accepts ``cache=False``.
     """
-    batch_size = _positive_int("batch_size", batch_size)
+    return _predict(model, X, batch_size, "predict")
+
+
+def _predict(model: Any, X: Any, batch_size: int, where: str) -> np.ndarray:
+    """``predict``, with errors that name the public function ``where``."""
+    batch_size = _positive_int("batch_size", batch_size, where)
     X = np.asarray(X)
     if X.ndim == 0 or X.shape[0] == 0:
-        raise ValueError(f"predict: X must be a non-empty batch (N, ...), got shape {X.shape}")
-    net = _Net(model, None)
+        raise ValueError(f"{where}: X must be a non-empty batch (N, ...), got shape {X.shape}")
+    net = _Net(model, None, where)
     chunks = [net.predict(X[i : i + batch_size]) for i in range(0, X.shape[0], batch_size)]
     return np.concatenate(chunks, axis=0)
 
@@ -365,7 +372,7 @@ def accuracy(model: Any, X: Any, y: Any, *, batch_size: int = 1024) -> float:
             f"accuracy: y must be integer labels of shape ({X.shape[0] if X.ndim else '?'},), "
             f"got dtype {y.dtype} and shape {y.shape}"
         )
-    y_hat = predict(model, X, batch_size=batch_size)
+    y_hat = _predict(model, X, batch_size, "accuracy")
     if y_hat.ndim != 2:
         raise ValueError(f"accuracy: the model's output has shape {y_hat.shape}, not (N, C)")
     return float(np.mean(np.argmax(y_hat, axis=1) == y))

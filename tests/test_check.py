@@ -228,3 +228,20 @@ def test_report_of_a_correct_layer() -> None:
         assert what in names
     assert len(report.checks) == 3 * 4  # 3 things checked, 4 comparisons each
     assert "passed" in str(report)
+
+
+def test_a_bad_input_fails_once_with_the_layers_own_error() -> None:
+    with pytest.raises(ValueError, match=r"Linear\(4→3\)") as info:
+        bp.gradcheck(bp.Linear(4, 3, rng=0), np.zeros((2, 5)))
+    assert info.value.__context__ is None  # not raised again while handling the first
+
+
+def test_a_graph_with_a_bad_input_fails_once() -> None:
+    g = bp.Graph()
+    g.output(g.add(bp.Linear(4, 3, rng=0), g.input("x")))
+    with pytest.raises(ValueError) as info:
+        bp.gradcheck(g, x=np.zeros((2, 5)))
+    # The graph's error wraps the layer's (its cause), and nothing else came before it.
+    assert "Graph node 'linear_0'" in str(info.value)
+    assert info.value.__context__ is info.value.__cause__
+    assert info.value.__cause__.__context__ is None

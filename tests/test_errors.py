@@ -68,7 +68,9 @@ def test_jacobians_before_forward() -> None:
 
 def test_sequential_backward_before_forward() -> None:
     net = bp.Sequential([bp.Linear(3, 2), bp.ReLU()])
-    with pytest.raises(RuntimeError, match=r"Sequential.backward: layer 0 \(Linear\(3→2\)\) has no operating point"):
+    with pytest.raises(
+        RuntimeError, match=r"Sequential.backward: layer 0 \(Linear\(3→2\)\) has no operating point"
+    ):
         net.backward(G)
 
 
@@ -164,6 +166,22 @@ def test_softmax_labels_out_of_range() -> None:
     assert_snapshot_equal(before, snapshot(loss))
 
 
+@pytest.mark.parametrize("dtype", ["i1", "i2", "i4", "i8", ">i4", "u1"])
+@pytest.mark.parametrize("C", [3, 127, 128, 129, 300])
+def test_softmax_every_label_dtype_range_is_checked(dtype: str, C: int) -> None:
+    # A negative label must be refused however many classes there are, including
+    # more than a small signed dtype can count (int8 -1 seen as unsigned is 255).
+    loss = bp.SoftmaxCrossEntropy()
+    z = np.zeros((2, C))
+    for bad in ([0, -1], [C - 1, C]) if dtype != "u1" else ([0, C],):
+        if not np.can_cast(np.min_scalar_type(bad[1]), np.dtype(dtype)) and bad[1] >= 0:
+            continue  # C itself does not fit the dtype: nothing to test
+        with pytest.raises(ValueError, match=rf"labels must lie in 0..{C - 1}"):
+            loss.forward(z, np.array(bad, dtype=dtype))
+    ok = np.array([0, min(C - 1, np.iinfo(np.dtype(dtype)).max)], dtype=dtype)
+    assert np.isfinite(loss.forward(z, ok))
+
+
 def test_softmax_labels_wrong_shape() -> None:
     loss = bp.SoftmaxCrossEntropy()
     with pytest.raises(ValueError) as info:
@@ -186,8 +204,11 @@ def test_l2_shape_mismatch() -> None:
 
 
 def test_batch_size_mismatch_between_inputs() -> None:
-    with pytest.raises(ValueError, match=r"Add.*batch sizes.*\(2, 3\).*\(3, 3\)"):
+    # The layer's own check words it where it has one; the generic message otherwise.
+    with pytest.raises(ValueError, match=r"Add: x_a has shape \(2, 3\) but x_b has shape \(3, 3\)"):
         bp.Add().forward(np.zeros((2, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"Merge\(2\).*batch sizes.*\(2, 3\).*\(3, 1\)"):
+        bp.Merge().forward(np.zeros((2, 3)), np.zeros((3, 1)))
 
 
 def test_wrong_number_of_inputs() -> None:
@@ -324,3 +345,39 @@ def test_sgd_bad_arguments() -> None:
         bp.SGD(lin.parameters(), lr=0.0)
     with pytest.raises(TypeError, match="Parameter"):
         bp.SGD(lin.parameters(), lr=0.1).step({"W": np.zeros((2, 3))})
+
+
+def test_linear_init_errors_name_the_layer_as_built() -> None:
+    # Raised while the layer is half built: the message must still describe it truly.
+    with pytest.raises(
+        ValueError, match=r"^Linear\(3→2\): W: expected shape \(2, 3\), got \(3, 3\)"
+    ):
+        bp.Linear(3, 2, W=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"^Linear\(3→2\): b: expected shape \(2,\), got \(3,\)"):
+        bp.Linear(3, 2, b=np.zeros(3))
+
+
+@pytest.mark.parametrize("shape", [(-1, -1), (0,), (2, -2)])
+def test_reshape_refuses_impossible_shapes_when_built(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"Reshape: .*at most one may be -1"):
+        bp.Reshape(*shape)
+
+
+def test_softmax_logits_without_a_batch_axis_say_so() -> None:
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, C\), got \(3,\)"):
+        bp.SoftmaxCrossEntropy().forward(np.zeros(3), np.array([0]))
+
+
+def test_helpers_name_themselves_in_their_errors() -> None:
+    net = bp.Sequential([bp.Linear(3, 2)])
+    X = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"^predict: batch_size"):
+        bp.predict(net, X, batch_size=0)
+    with pytest.raises(ValueError, match=r"^accuracy: batch_size"):
+        bp.accuracy(net, X, np.array([0, 1]), batch_size=0)
+    with pytest.raises(TypeError, match=r"^predict: expected a Sequential or a Graph"):
+        bp.predict(5, X)
+    with pytest.raises(ValueError, match=r"^input_gradient: l2 must be >= 0"):
+        bp.input_gradient(net, X, l2=-1.0)
+    with pytest.raises(ValueError, match=r"^optimize_input: l2 must be >= 0"):
+        bp.optimize_input(net, X, l2=-1.0)

@@ -584,3 +584,16 @@ def test_nodes_listing_and_summary() -> None:
     assert lines[5].split()[:3] == ["branch_1", "Branch(2)", "linear_0"]
     assert lines[-1] == "outputs: l2loss_6; 29 parameters"
     assert repr(g) == "Graph(2 input(s), 7 layer node(s), 1 output(s))"
+
+
+def test_add_gradients_cannot_be_edited_through_each_other() -> None:
+    add = bp.Add()
+    add.forward(np.ones((2, 3)), np.ones((2, 3)))
+    g_out = np.full((2, 3), 2.0)
+    (g_a, g_b), _ = add.backward(g_out)
+    np.testing.assert_array_equal(g_a, g_out)
+    np.testing.assert_array_equal(g_b, g_out)
+    for g in (g_a, g_b):
+        with pytest.raises(ValueError, match="read-only"):
+            g[0, 0] = 5.0
+    assert g_out[0, 0] == 2.0

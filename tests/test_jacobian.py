@@ -160,6 +160,17 @@ def test_jvp(case: tuple[Jacobian, np.ndarray]) -> None:
     np.testing.assert_allclose(J.jvp(u), np.einsum("bmn,bn->bm", ref, u), rtol=1e-12, atol=1e-12)
 
 
+def test_products_refuse_wrong_shapes(case: tuple[Jacobian, np.ndarray]) -> None:
+    J, _ = case
+    M, N = J.shape
+    for method, good in (("vjp", (B, M)), ("vjp_sum", (B, M)), ("jvp", (B, N))):
+        for bad in ((B + 1, good[1]), (B, good[1] + 1), (B * good[1],)):
+            with pytest.raises(
+                ValueError, match=rf"{method[:3]} takes \w of shape \({B}, {good[1]}\)"
+            ):
+                getattr(J, method)(np.zeros(bad))
+
+
 def test_to_dense(case: tuple[Jacobian, np.ndarray]) -> None:
     J, ref = case
     D = J.to_dense()

@@ -59,13 +59,14 @@ class Linear(Layer):
         bound = 1.0 / np.sqrt(n_in)
         if W is None:
             W = gen.uniform(-bound, bound, size=(n_out, n_in)).astype(dtype)
-        self.params["W"] = _as_parameter(f"{self!r}: W", W, (n_out, n_in), dtype)
         if b is not None and not bias:
             raise ValueError("Linear: b was given but bias=False")
+        where = f"Linear({self.n_in}→{self.n_out}{'' if bias else ', bias=False'})"
+        self.params["W"] = _as_parameter(f"{where}: W", W, (n_out, n_in), dtype)
         if bias:
             if b is None:
                 b = gen.uniform(-bound, bound, size=n_out).astype(dtype)
-            self.params["b"] = _as_parameter(f"{self!r}: b", b, (n_out,), dtype)
+            self.params["b"] = _as_parameter(f"{where}: b", b, (n_out,), dtype)
 
     @property
     def W(self) -> Parameter:

@@ -93,10 +93,11 @@ class SoftmaxCrossEntropy(Loss):
             return
         if labels.dtype.kind == "u":
             outside = labels.max() >= C
-        elif labels.dtype in _UNSIGNED:
-            # One reduction checks both ends: viewed as unsigned, a negative label is huge.
+        elif labels.dtype in _UNSIGNED and C <= 1 << (8 * labels.dtype.itemsize - 1):
+            # One reduction checks both ends: viewed as unsigned, a negative label is at
+            # least 2^(bits-1), so at least C (the condition above).
             outside = labels.view(_UNSIGNED[labels.dtype]).max() >= C
-        else:  # a signed dtype in the other byte order
+        else:  # many classes for a small signed dtype, or the other byte order
             outside = labels.min() < 0 or labels.max() >= C
         if outside:
             bad = labels[(labels < 0) | (labels >= C)]

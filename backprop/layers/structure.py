@@ -135,7 +135,13 @@ class Add(Layer):
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        return ((g_out, g_out) if input_grad else (None, None)), {}
+        if not input_grad:
+            return (None, None), {}
+        # Both gradients are g_out: one read-only view serves both, so neither can
+        # be edited through the other (nor the caller's g_out through them).
+        g = g_out.view()
+        g.flags.writeable = False
+        return (g, g), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         x = op.x_in[0]
@@ -175,6 +181,11 @@ class Reshape(Layer):
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = tuple(shape[0])
         self.shape = tuple(int(s) for s in shape)
+        if self.shape.count(-1) > 1 or any(s < -1 or s == 0 for s in self.shape):
+            raise ValueError(
+                f"Reshape: each entry of the shape must be a positive size, and at most one "
+                f"may be -1 (inferred); got {self.shape}"
+            )
 
     def _check(self, x_in: np.ndarray) -> None:
         size = int(np.prod(x_in.shape[1:], dtype=np.int64))
