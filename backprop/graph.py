@@ -636,7 +636,10 @@ class Graph:
         """
         self._check_open("add")
         kind = type(layer).__name__
-        if isinstance(layer, Layer):
+        if isinstance(layer, Merge) and layer.n is None:
+            n_in = max(len(inputs), 1)  # Merge() takes what it is given: fixed by this node
+            n_out, multi = 1, False
+        elif isinstance(layer, Layer):
             n_in = len(layer.inputs)
             multi = isinstance(layer, Branch)
             n_out = layer.n if isinstance(layer, Branch) else 1
@@ -672,11 +675,7 @@ class Graph:
                 )
         if len(inputs) != n_in:
             need = ", ".join(self._input_labels(layer)) or "no input"
-            hint = (
-                f"; for {len(inputs)} inputs use Merge({len(inputs)})"
-                if isinstance(layer, Merge)
-                else ""
-            )
+            hint = "; Merge() takes any number of inputs" if isinstance(layer, Merge) else ""
             raise TypeError(
                 f"Graph.add: node {label!r} ({layer!r}) takes {n_in} input(s) ({need}), "
                 f"got {len(inputs)}{hint}"
@@ -686,6 +685,8 @@ class Graph:
         self._counter += 1
         for leaf in [layer, *_leaf_layers(layer)]:
             self._layer_ids[id(leaf)] = label
+        if isinstance(layer, Merge) and layer.n is None:
+            layer.inputs = tuple(f"x_in[{i}]" for i in range(n_in))
         handles = self._new_node(_Node(label, "layer", layer, srcs, n_out, multi))
         return tuple(handles) if multi else handles[0]
 

@@ -87,7 +87,7 @@ class Parameter:
         For an optimizer's freshly computed array, which nobody else holds: it is
         only marked read-only. Any other array is copied, as by the setter.
         """
-        if new.base is None and new.flags.owndata:
+        if new.base is None:  # it owns its memory, and nobody else holds it
             new.flags.writeable = False
             self._value = new
         else:
@@ -156,7 +156,7 @@ def _owned(x: np.ndarray) -> np.ndarray:
     ``x`` itself when it is read-only and so is every array it views; otherwise
     a read-only copy (a read-only view of a writeable array can still change).
     """
-    if x.flags.writeable or _views_writeable(x):
+    if x.flags.writeable or (x.base is not None and _views_writeable(x)):
         x = x.copy()
         x.flags.writeable = False
     return x

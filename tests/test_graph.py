@@ -597,3 +597,21 @@ def test_add_gradients_cannot_be_edited_through_each_other() -> None:
         with pytest.raises(ValueError, match="read-only"):
             g[0, 0] = 5.0
     assert g_out[0, 0] == 2.0
+
+
+def test_merge_without_a_count_takes_what_it_is_given() -> None:
+    rng = np.random.default_rng(5)
+    a, b, c = rng.standard_normal((2, 3)), rng.standard_normal((2, 1)), rng.standard_normal((2, 2))
+    g = bp.Graph()
+    ins = [g.input(n) for n in "abc"]
+    g.output(g.add(bp.Sigmoid(), g.add(bp.Merge(), *ins)))
+    out = g.forward(a=a, b=b, c=c)
+    np.testing.assert_array_equal(out, 1 / (1 + np.exp(-np.concatenate([a, b, c], axis=1))))
+    bp.gradcheck(g, a=a, b=b, c=c)
+    alone = bp.Merge()  # outside a graph too, and a failed call leaves the count alone
+    assert alone.forward(a, b, c).shape == (2, 6)
+    with pytest.raises(ValueError, match="batch sizes"):
+        alone.forward(a, b[:1], c, a)
+    assert repr(alone) == "Merge(3)"
+    g_in, _ = alone.backward(np.ones((2, 6)))
+    assert [x.shape for x in g_in] == [(2, 3), (2, 1), (2, 2)]

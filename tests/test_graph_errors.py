@@ -47,8 +47,10 @@ def test_wrong_number_of_inputs_and_non_handles() -> None:
         TypeError, match=r"'add_0' \(Add\(\)\) takes 2 input\(s\) \(x_a, x_b\), got 1"
     ):
         g.add(bp.Add(), x)
-    with pytest.raises(TypeError, match=r"got 3; for 3 inputs use Merge\(3\)"):
-        g.add(bp.Merge(), x, x, x)
+    with pytest.raises(TypeError, match=r"Merge\(2\).*got 3; Merge\(\) takes any number"):
+        g.add(bp.Merge(2), x, x, x)
+    with pytest.raises(TypeError, match=r"Merge\(2\).*takes 1 input.*got 0"):
+        g.add(bp.Merge())
     with pytest.raises(TypeError, match="ndarray, not a handle"):
         g.add(bp.ReLU(), np.ones((1, 2)))  # type: ignore[arg-type]
     pair = g.add(bp.Branch(2), x)

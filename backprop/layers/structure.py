@@ -26,13 +26,28 @@ class Merge(Layer):
     the other. The Jacobian for input ``i`` selects its block: ``[I; 0]`` for
     the first of two inputs and ``[0; I]`` for the second (eq. 14.41), so
     ``g_in^i`` is the matching slice of ``g_out``.
+
+    ``Merge()`` takes as many inputs as it is given (in a Graph, the handles
+    passed to ``add``); ``Merge(n)`` insists on exactly ``n``.
     """
 
-    def __init__(self, n: int = 2) -> None:
+    def __init__(self, n: int | None = None) -> None:
         super().__init__()
-        if not isinstance(n, int) or n < 1:
+        if n is not None and (not isinstance(n, int) or n < 1):
             raise ValueError(f"Merge: n must be a positive integer, got {n!r}")
-        self.inputs = tuple(f"x_in[{i}]" for i in range(n))
+        self.n = n
+        self.inputs = _merge_inputs(2 if n is None else n)
+
+    def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
+        if self.n is not None or len(x_in) == len(self.inputs) or not x_in:
+            return super().forward(*x_in, cache=cache)
+        before = self.inputs
+        self.inputs = _merge_inputs(len(x_in))
+        try:
+            return super().forward(*x_in, cache=cache)
+        except BaseException:
+            self.inputs = before  # a failed call changes nothing
+            raise
 
     def _forward(self, op: OperatingPoint, *x_in: np.ndarray) -> np.ndarray:
         B = x_in[0].shape[0]
@@ -61,6 +76,10 @@ class Merge(Layer):
 
     def __repr__(self) -> str:
         return f"Merge({len(self.inputs)})"
+
+
+def _merge_inputs(n: int) -> tuple[str, ...]:
+    return tuple(f"x_in[{i}]" for i in range(n))
 
 
 class Branch(Layer):
