@@ -685,8 +685,8 @@ class Graph:
         self._counter += 1
         for leaf in [layer, *_leaf_layers(layer)]:
             self._layer_ids[id(leaf)] = label
-        if isinstance(layer, Merge) and layer.n is None:
-            layer.inputs = tuple(f"x_in[{i}]" for i in range(n_in))
+        if isinstance(layer, Merge):
+            layer._fit(n_in)
         handles = self._new_node(_Node(label, "layer", layer, srcs, n_out, multi))
         return tuple(handles) if multi else handles[0]
 

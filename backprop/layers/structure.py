@@ -38,11 +38,16 @@ class Merge(Layer):
         self.n = n
         self.inputs = _merge_inputs(2 if n is None else n)
 
+    def _fit(self, n: int) -> None:
+        """Take ``n`` inputs from now on, if built as ``Merge()`` (``Merge(n)`` keeps n)."""
+        if self.n is None:
+            self.inputs = _merge_inputs(n)
+
     def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
         if self.n is not None or len(x_in) == len(self.inputs) or not x_in:
             return super().forward(*x_in, cache=cache)
         before = self.inputs
-        self.inputs = _merge_inputs(len(x_in))
+        self._fit(len(x_in))
         try:
             return super().forward(*x_in, cache=cache)
         except BaseException:
