@@ -95,7 +95,9 @@ class Optimizer:
                 g = self._convert(p, g)
             # A NaN or inf anywhere makes Σ g² non-finite: one BLAS dot product, and the
             # exact test only when it fires (huge finite entries may also overflow it).
-            if not math.isfinite(np.vdot(g, g)) and not np.all(np.isfinite(g)):
+            # The method on the flat view costs about half of np.vdot's call.
+            flat = g.ravel()
+            if not math.isfinite(flat.dot(flat)) and not np.all(np.isfinite(g)):
                 raise ValueError(
                     f"{type(self).__name__}.step: gradient for {p!r} has "
                     f"{int(np.sum(~np.isfinite(g)))} non-finite entries (NaN or inf); "

@@ -77,7 +77,9 @@ class Linear(Layer):
         return self.params.get("b")
 
     def _check(self, x_in: np.ndarray) -> None:
-        self.expect_features("x_in", x_in, (self.n_in,))
+        shape = x_in.shape
+        if len(shape) != 2 or shape[1] != self.n_in:  # the common case without a call
+            self.expect_features("x_in", x_in, (self.n_in,))
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         W, b = op.theta["W"], op.theta.get("b")

@@ -17,6 +17,8 @@ from backprop.layer import Loss, OperatingPoint
 
 #: Each signed integer dtype's unsigned twin, for the one-reduction label check.
 _UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+#: The index dtype, as a dtype: comparing with it is cheaper than with ``np.intp``.
+_INTP = np.dtype(np.intp)
 
 
 class L2Loss(Loss):
@@ -91,12 +93,15 @@ class SoftmaxCrossEntropy(Loss):
         C = logits.shape[1]
         if not labels.size:
             return
-        if labels.dtype.kind == "u":
-            outside = labels.max() >= C
-        elif labels.dtype in _UNSIGNED and C <= 1 << (8 * labels.dtype.itemsize - 1):
+        # np.maximum.reduce, not labels.max(): the same reduction without the Python
+        # wrapper around it, on every step's path.
+        dtype = labels.dtype
+        if dtype.kind == "u":
+            outside = np.maximum.reduce(labels) >= C
+        elif dtype in _UNSIGNED and C <= 1 << (8 * dtype.itemsize - 1):
             # One reduction checks both ends: viewed as unsigned, a negative label is at
             # least 2^(bits-1), so at least C (the condition above).
-            outside = labels.view(_UNSIGNED[labels.dtype]).max() >= C
+            outside = np.maximum.reduce(labels.view(_UNSIGNED[dtype])) >= C
         else:  # many classes for a small signed dtype, or the other byte order
             outside = labels.min() < 0 or labels.max() >= C
         if outside:
@@ -116,12 +121,13 @@ class SoftmaxCrossEntropy(Loss):
             ones = self._ones = np.ones(C, dtype=logits.dtype)
         # Each row's maximum m_b. With few classes, numpy reduces a transposed copy
         # (C rows of B) about twice as fast as the B short rows.
+        # (np.maximum.reduce is .max() without its Python wrapper.)
         if C <= 64:
-            m = np.ascontiguousarray(logits.T).max(axis=0)
+            m = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0)
         else:
-            m = logits.max(axis=1)
+            m = np.maximum.reduce(logits, axis=1)
         p = logits - m[:, None]  # shifted logits, every entry <= 0
-        if labels.dtype != np.intp:  # labels are checked to lie in 0..C-1: this is exact
+        if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
             labels = labels.astype(np.intp)
         flat = starts + labels  # the index of z_{b, y_b} in the flattened logits
         picked = p.ravel()[flat]
