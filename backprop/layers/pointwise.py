@@ -109,7 +109,10 @@ class ReLU(Pointwise):
 
 
 class LeakyReLU(Pointwise):
-    """``h(x) = x`` for ``x >= 0``, else ``slope * x``; ``h'`` is 1 or ``slope``."""
+    """``h(x) = x`` for ``x >= 0``, else ``slope * x``; ``h'`` is 1 or ``slope``.
+
+    As for ``ReLU``, ``h'(0) = 1`` (PyTorch takes ``slope`` there).
+    """
 
     def __init__(self, slope: float = 0.01) -> None:
         super().__init__()

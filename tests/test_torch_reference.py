@@ -1,0 +1,611 @@
+"""The library against PyTorch autograd, in float64, on random inputs.
+
+Every number on the PyTorch side comes from torch itself (its layers, its
+autograd, its optimizers), fed the same input values and parameter values as
+the library; nothing the library computed is handed to torch except the
+starting values. The whole module is skipped when torch is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import backprop as bp
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+F = torch.nn.functional
+
+RTOL = 1e-10
+ATOL = 1e-13
+
+
+def tt(a: Any, grad: bool = True) -> Any:
+    """A float64 torch leaf holding a copy of ``a`` (library arrays are read-only)."""
+    return torch.tensor(np.array(a, dtype=np.float64, copy=True), requires_grad=grad)
+
+
+def close(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL) -> None:
+    """``actual`` (a library array) equals ``expected`` (a torch tensor or an array)."""
+    if isinstance(expected, torch.Tensor):
+        expected = expected.detach().numpy()
+    assert actual is not None
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol, atol=atol)
+
+
+def away_from_zero(x: np.ndarray, margin: float = 1e-3) -> np.ndarray:
+    """``x`` with every entry at least ``margin`` away from 0, sign kept.
+
+    ReLU and LeakyReLU have a kink at 0, where the library takes h'(0) = 1 (the
+    chapter's convention) and torch takes h'(0) = 0 for ReLU and ``slope`` for
+    LeakyReLU. Both are subgradients; away from 0 they agree exactly.
+    """
+    return np.where(np.abs(x) < margin, np.copysign(margin, x) + x, x)
+
+
+# ------------------------------------------------------------------------------ Linear
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_linear_forward_and_backward(bias: bool, B: int) -> None:
+    rng = np.random.default_rng(10 + B)
+    lin = bp.Linear(5, 3, bias=bias, rng=rng)
+    x = rng.standard_normal((B, 5))
+    g_out = rng.standard_normal((B, 3))
+
+    y = lin.forward(x)
+    g_in, grads = lin.backward(g_out)
+
+    x_t, W_t = tt(x), tt(lin.W.value)
+    b_t = tt(lin.b.value) if bias else None
+    y_t = F.linear(x_t, W_t, b_t)  # torch.nn.Linear.weight is (n_out, n_in), as W here
+    y_t.backward(torch.tensor(g_out))
+
+    close(y, y_t)
+    close(g_in, x_t.grad)
+    close(grads["W"], W_t.grad)
+    assert grads["W"].shape == (3, 5)
+    if bias:
+        assert lin.b is not None
+        close(grads["b"], b_t.grad)
+        assert set(grads) == {"W", "b"}
+    else:
+        assert set(grads) == {"W"}
+        assert lin.b is None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_jacobians_match_torch_jacobian_per_example(bias: bool) -> None:
+    rng = np.random.default_rng(20)
+    B, n_in, n_out = 3, 4, 2
+    lin = bp.Linear(n_in, n_out, bias=bias, rng=rng)
+    x = rng.standard_normal((B, n_in))
+    lin.forward(x)
+    L_x, L_theta = lin.jacobians()
+    dense_x = L_x.to_dense()
+    dense_W = L_theta["W"].to_dense()
+    assert dense_x.shape == (B, n_out, n_in)
+    assert dense_W.shape == (B, n_out, n_out * n_in)
+    assert set(L_theta) == ({"W", "b"} if bias else {"W"})
+
+    W_t = tt(lin.W.value, grad=False)
+    b_t = tt(lin.b.value, grad=False) if bias else torch.zeros(n_out, dtype=torch.float64)
+    for b in range(B):
+        x_b = tt(x[b], grad=False)
+        J_x, J_W, J_b = torch.autograd.functional.jacobian(
+            lambda xv, Wv, bv: Wv @ xv + bv, (x_b, W_t, b_t)
+        )
+        close(dense_x[b], J_x)
+        # torch gives ∂y/∂W as (n_out, n_out, n_in); vec(W) is row-major, so one reshape
+        close(dense_W[b], J_W.reshape(n_out, n_out * n_in))
+        if bias:
+            close(L_theta["b"].to_dense()[b], J_b)
+
+
+# --------------------------------------------------------------------------- pointwise
+
+POINTWISE: list[tuple[str, Callable[[], bp.Layer], Callable[[Any], Any], bool]] = [
+    # (id, library layer, torch function, has a kink at 0)
+    ("relu", bp.ReLU, F.relu, True),
+    ("leaky_relu_0.1", lambda: bp.LeakyReLU(0.1), lambda x: F.leaky_relu(x, 0.1), True),
+    ("leaky_relu_0.3", lambda: bp.LeakyReLU(0.3), lambda x: F.leaky_relu(x, 0.3), True),
+    ("sigmoid", bp.Sigmoid, torch.sigmoid, False),
+    ("tanh", bp.Tanh, torch.tanh, False),
+    ("softplus", bp.Softplus, F.softplus, False),
+    ("sin", lambda: bp.Pointwise(np.sin, np.cos), torch.sin, False),
+]
+
+
+@pytest.mark.parametrize(
+    "make, torch_fn, kink", [row[1:] for row in POINTWISE], ids=[row[0] for row in POINTWISE]
+)
+@pytest.mark.parametrize("shape", [(5, 4), (2, 3, 2)], ids=["flat", "3d"])
+def test_pointwise(
+    make: Callable[[], bp.Layer],
+    torch_fn: Callable[[Any], Any],
+    kink: bool,
+    shape: tuple[int, ...],
+) -> None:
+    rng = np.random.default_rng(30)
+    # |x| up to about 8: inside torch softplus's threshold (20), past which it returns x
+    x = 2.5 * rng.standard_normal(shape)
+    if kink:
+        x = away_from_zero(x)
+    g_out = rng.standard_normal(shape)
+    layer = make()
+
+    y = layer.forward(x)
+    g_in, grads = layer.backward(g_out)
+
+    x_t = tt(x)
+    y_t = torch_fn(x_t)
+    y_t.backward(torch.tensor(g_out))
+    close(y, y_t)
+    close(g_in, x_t.grad)
+    assert grads == {}
+
+    # The explicit Jacobian of each example against torch's, flattened as vec(x)
+    L_x, _ = layer.jacobians()
+    dense = L_x.to_dense()
+    n = int(np.prod(shape[1:]))
+    for b in range(shape[0]):
+        J = torch.autograd.functional.jacobian(torch_fn, tt(x[b], grad=False))
+        close(dense[b], J.reshape(n, n))
+
+
+@pytest.mark.parametrize(
+    "make, torch_fn",
+    [(bp.Sigmoid, torch.sigmoid), (bp.Tanh, torch.tanh), (bp.Softplus, F.softplus)],
+    ids=["sigmoid", "tanh", "softplus"],
+)
+def test_saturating_pointwise_at_extreme_inputs(
+    make: Callable[[], bp.Layer], torch_fn: Callable[[Any], Any]
+) -> None:
+    # Far past torch softplus's threshold (20) softplus(x) = x + log1p(e^-x) equals x in
+    # float64 and its derivative is 1, so the two agree; between 20 and ~37 they differ
+    # by e^-x in the derivative (torch's shortcut), which is why those values are avoided.
+    x = np.array([[-800.0, -60.0, -7.5, -0.25, 0.0, 0.5, 9.0, 60.0, 800.0]])
+    g_out = np.linspace(-1.0, 2.0, x.size).reshape(x.shape)
+    layer = make()
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        y = layer.forward(x)
+        g_in, _ = layer.backward(g_out)
+    x_t = tt(x)
+    y_t = torch_fn(x_t)
+    y_t.backward(torch.tensor(g_out))
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(g_in))
+    close(y, y_t, atol=1e-300)
+    # Both sides take h' from the output (σ(1 - σ), 1 - tanh²), which near saturation
+    # is a difference of numbers close to 1: its rounding is absolute, about 1e-16, so
+    # in the tails the relative agreement is only ~1e-9 (sech²(9) ≈ 6e-8 carries ~4e-16).
+    close(g_in, x_t.grad, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "make, torch_fn, slope",
+    [(bp.ReLU, F.relu, 0.0), (lambda: bp.LeakyReLU(0.2), lambda x: F.leaky_relu(x, 0.2), 0.2)],
+    ids=["relu", "leaky_relu"],
+)
+def test_kink_at_zero_follows_the_chapter_not_torch(
+    make: Callable[[], bp.Layer], torch_fn: Callable[[Any], Any], slope: float
+) -> None:
+    # A documented difference of convention, held here so that it stays deliberate:
+    # at exactly 0 the library takes h'(0) = 1, torch takes the left slope.
+    x = np.array([[-1.0, 0.0, 2.0]])
+    layer = make()
+    layer.forward(x)
+    g_in, _ = layer.backward(np.ones_like(x))
+    x_t = tt(x)
+    torch_fn(x_t).sum().backward()
+    close(g_in, [[slope, 1.0, 1.0]], atol=0)
+    close(x_t.grad, [[slope, slope, 1.0]], atol=0)
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (1, 5), (3, 2, 2)])
+def test_l2_loss(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(40)
+    y_hat, y = rng.standard_normal(shape), rng.standard_normal(shape)
+    loss = bp.L2Loss()
+    J = loss.forward(y_hat, y)
+    (g_hat, g_y), grads = loss.backward()
+
+    y_hat_t, y_t = tt(y_hat), tt(y)
+    J_t = ((y_hat_t - y_t) ** 2).sum() / shape[0]  # mean over the batch of ||ŷ - y||²
+    J_t.backward()
+    close(J, J_t)
+    close(g_hat, y_hat_t.grad)
+    close(g_y, y_t.grad)
+    assert grads == {}
+    # the same cost is torch's mse_loss (a mean over every entry) times the entries per example
+    per_example = int(np.prod(shape[1:]))
+    close(J, F.mse_loss(y_hat_t, y_t) * per_example)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3, 1e4], ids=lambda s: f"logits_x{s:g}")
+@pytest.mark.parametrize("B, C", [(1, 3), (6, 5), (16, 10)])
+def test_softmax_cross_entropy(scale: float, B: int, C: int) -> None:
+    rng = np.random.default_rng(50 + B)
+    z = scale * rng.standard_normal((B, C))
+    labels = rng.integers(0, C, size=B)
+    loss = bp.SoftmaxCrossEntropy()
+    with np.errstate(
+        over="raise", divide="raise", invalid="raise"
+    ):  # large logits: no overflow anywhere
+        J = loss.forward(z, labels)
+        (g_z, g_labels), grads = loss.backward()
+    assert np.isfinite(J) and np.all(np.isfinite(g_z))
+    assert g_labels is None
+    assert grads == {}
+
+    z_t = tt(z)
+    J_t = F.cross_entropy(z_t, torch.tensor(labels), reduction="mean")
+    J_t.backward()
+    assert torch.isfinite(J_t)
+    close(J, J_t)
+    close(g_z, z_t.grad)
+
+
+def test_softmax_cross_entropy_rows_with_ties_and_one_hot_extremes() -> None:
+    # equal logits (a uniform softmax), a row dominated by one class, and the label at
+    # the dominant class and away from it
+    z = np.array([[0.0, 0.0, 0.0], [1e4, 0.0, -1e4], [1e4, 0.0, -1e4], [-5.0, 2.0, 7.0]])
+    labels = np.array([1, 0, 2, 1])
+    loss = bp.SoftmaxCrossEntropy()
+    J = loss.forward(z, labels)
+    (g_z, _), _ = loss.backward()
+    z_t = tt(z)
+    J_t = F.cross_entropy(z_t, torch.tensor(labels))
+    J_t.backward()
+    close(J, J_t)
+    close(g_z, z_t.grad)
+
+
+# ------------------------------------------------------------------ structure layers
+
+
+def test_add() -> None:
+    rng = np.random.default_rng(60)
+    a, b, g = (rng.standard_normal((3, 4)) for _ in range(3))
+    layer = bp.Add()
+    y = layer.forward(a, b)
+    (g_a, g_b), _ = layer.backward(g)
+    a_t, b_t = tt(a), tt(b)
+    y_t = a_t + b_t
+    y_t.backward(torch.tensor(g))
+    close(y, y_t)
+    close(g_a, a_t.grad)
+    close(g_b, b_t.grad)
+
+
+def test_multiply() -> None:
+    rng = np.random.default_rng(61)
+    a, b, g = (rng.standard_normal((3, 2, 2)) for _ in range(3))
+    layer = bp.Multiply()
+    y = layer.forward(a, b)
+    (g_a, g_b), _ = layer.backward(g)
+    a_t, b_t = tt(a), tt(b)
+    y_t = a_t * b_t
+    y_t.backward(torch.tensor(g))
+    close(y, y_t)
+    close(g_a, a_t.grad)
+    close(g_b, b_t.grad)
+    # and the explicit Jacobians, diag(x_b) and diag(x_a), per example
+    (L_a, L_b), _ = layer.jacobians()
+    for k in range(a.shape[0]):
+        J_a, J_b = torch.autograd.functional.jacobian(
+            lambda u, v: u * v, (tt(a[k], grad=False), tt(b[k], grad=False))
+        )
+        close(L_a.to_dense()[k], J_a.reshape(4, 4))
+        close(L_b.to_dense()[k], J_b.reshape(4, 4))
+
+
+MERGE_SHAPES = [
+    [(3, 2)],
+    [(3, 2), (3, 4)],
+    [(3, 1), (3, 3), (3, 2)],
+    [(2, 2, 3), (2, 5), (2, 1), (2, 2)],
+]
+
+
+@pytest.mark.parametrize("shapes", MERGE_SHAPES, ids=lambda s: f"{len(s)}_inputs")
+def test_merge(shapes: list[tuple[int, ...]]) -> None:
+    rng = np.random.default_rng(62)
+    xs = [rng.standard_normal(s) for s in shapes]
+    B = shapes[0][0]
+    width = sum(int(np.prod(s[1:])) for s in shapes)
+    g = rng.standard_normal((B, width))
+    layer = bp.Merge()
+    y = layer.forward(*xs)
+    g_ins, _ = layer.backward(g)
+
+    xs_t = [tt(x) for x in xs]
+    y_t = torch.cat([x.reshape(B, -1) for x in xs_t], dim=1)
+    y_t.backward(torch.tensor(g))
+    close(y, y_t)
+    assert len(g_ins) == len(xs)
+    for g_in, x_t in zip(g_ins, xs_t, strict=True):
+        close(g_in, x_t.grad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_branch_in_a_graph(n: int) -> None:
+    # x is copied n times; copy k goes through its own Linear; the copies are merged
+    rng = np.random.default_rng(63 + n)
+    B, d = 4, 3
+    x, y = rng.standard_normal((B, d)), rng.standard_normal((B, 2))
+    g = bp.Graph()
+    xh, yh = g.input("x"), g.input("y")
+    copies = g.add(bp.Branch(n), xh)
+    assert isinstance(copies, tuple) and len(copies) == n  # a tuple even for n = 1
+    lins = [bp.Linear(d, 2, rng=rng) for _ in range(n)]
+    outs = [g.add(bp.Tanh(), g.add(lin, c)) for lin, c in zip(lins, copies, strict=True)]
+    m = g.add(bp.Merge(), *outs)
+    J = g.add(bp.L2Loss(), g.add(head := bp.Linear(2 * n, 2, rng=rng), m), yh)
+    g.output(J)
+    cost = g.forward(x=x, y=y)
+    grads = g.backward()
+
+    x_t, y_t = tt(x), tt(y)
+    Ws = [(tt(lin.W.value), tt(lin.b.value)) for lin in lins]
+    H = (tt(head.W.value), tt(head.b.value))
+    merged = torch.cat([torch.tanh(F.linear(x_t, W, b)) for W, b in Ws], dim=1)
+    J_t = ((F.linear(merged, *H) - y_t) ** 2).sum() / B
+    J_t.backward()
+    close(cost, J_t)
+    close(grads.inputs["x"], x_t.grad)  # the n copies' gradients summed
+    close(grads.inputs["y"], y_t.grad)
+    for lin, (W, b) in zip(lins, Ws, strict=True):
+        close(grads.params[lin.W], W.grad)
+        close(grads.params[lin.b], b.grad)
+    close(grads.params[head.W], H[0].grad)
+    close(grads.params[head.b], H[1].grad)
+
+
+# ------------------------------------------------------------------------- Sequential
+
+
+def _mlp(rng: np.random.Generator, loss: bp.Layer | None) -> tuple[bp.Sequential, list[bp.Linear]]:
+    lins = [bp.Linear(5, 8, rng=rng), bp.Linear(8, 6, rng=rng), bp.Linear(6, 3, rng=rng)]
+    layers: list[bp.Layer] = [lins[0], bp.ReLU(), lins[1], bp.Tanh(), lins[2]]
+    if loss is not None:
+        layers.append(loss)
+    return bp.Sequential(layers), lins
+
+
+def _torch_mlp(x: Any, params: list[tuple[Any, Any]]) -> Any:
+    (W1, b1), (W2, b2), (W3, b3) = params
+    return F.linear(torch.tanh(F.linear(F.relu(F.linear(x, W1, b1)), W2, b2)), W3, b3)
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "l2"])
+def test_sequential_mlp_with_a_loss(loss_name: str, mode: str) -> None:
+    rng = np.random.default_rng(70)
+    B = 7
+    x = rng.standard_normal((B, 5))
+    if loss_name == "cross_entropy":
+        target: np.ndarray = rng.integers(0, 3, size=B)
+        loss: bp.Layer = bp.SoftmaxCrossEntropy()
+    else:
+        target = rng.standard_normal((B, 3))
+        loss = bp.L2Loss()
+    net, lins = _mlp(rng, loss)
+
+    J = net.forward(x, target)
+    g_0, grads = net.backward(mode=mode)
+
+    x_t = tt(x)
+    params_t = [(tt(lin.W.value), tt(lin.b.value)) for lin in lins]
+    out = _torch_mlp(x_t, params_t)
+    if loss_name == "cross_entropy":
+        J_t = F.cross_entropy(out, torch.tensor(target))
+    else:
+        J_t = ((out - tt(target, grad=False)) ** 2).sum() / B
+    J_t.backward()
+
+    close(J, J_t)
+    close(g_0, x_t.grad)
+    assert len(grads) == 6 and set(grads) == set(net.parameters())
+    for lin, (W_t, b_t) in zip(lins, params_t, strict=True):
+        close(grads[lin.W], W_t.grad)
+        close(grads[lin.b], b_t.grad)
+
+
+def test_sequential_jacobians_match_torch_jacobian_per_example() -> None:
+    rng = np.random.default_rng(71)
+    B = 3
+    x = rng.standard_normal((B, 5))
+    net, lins = _mlp(rng, None)
+    net.forward(x)
+    L_x, L_theta = net.jacobians()
+    dense_x = L_x.to_dense()
+    params_t = [(tt(lin.W.value, False), tt(lin.b.value, False)) for lin in lins]
+    flat = [t for pair in params_t for t in pair]
+    for b in range(B):
+
+        def f(xv: Any, *ps: Any) -> Any:
+            pairs = list(zip(ps[0::2], ps[1::2], strict=True))
+            return _torch_mlp(xv[None], pairs)[0]
+
+        Js = torch.autograd.functional.jacobian(f, (tt(x[b], False), *flat))
+        close(dense_x[b], Js[0])
+        for k, lin in enumerate(lins):
+            J_W, J_b = Js[1 + 2 * k], Js[2 + 2 * k]
+            close(L_theta[lin.W].to_dense()[b], J_W.reshape(3, -1))
+            close(L_theta[lin.b].to_dense()[b], J_b)
+
+
+# ------------------------------------------------------------------------------ Graph
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+def test_graph_dag_with_fan_out_merge_and_tied_weights(mode: str) -> None:
+    # x ──► lin_a (W, b_a) ─► tanh ─► t ──────────────┐
+    #  └──► lin_b (W, b_b) ─► sigmoid ─► s            ├─► merge ─► head ─► L2Loss(·, y)
+    #                          t * s ─► product ──────┘
+    # x is used twice, t is used twice, and W is one Parameter in two layers.
+    rng = np.random.default_rng(80)
+    B = 5
+    x, y = rng.standard_normal((B, 4)), rng.standard_normal((B, 2))
+    W = bp.Parameter(rng.standard_normal((3, 4)) / 2, name="W")
+    lin_a = bp.Linear(4, 3, W=W, rng=rng)
+    lin_b = bp.Linear(4, 3, W=W, rng=rng)
+    head = bp.Linear(6, 2, rng=rng)
+
+    g = bp.Graph()
+    xh, yh = g.input("x"), g.input("y")
+    t = g.add(bp.Tanh(), g.add(lin_a, xh, name="lin_a"))
+    s = g.add(bp.Sigmoid(), g.add(lin_b, xh, name="lin_b"))
+    prod = g.add(bp.Multiply(), t, s)
+    merged = g.add(bp.Merge(), t, prod)
+    J = g.add(bp.L2Loss(), g.add(head, merged), yh)
+    g.output(J)
+    cost = g.forward(x=x, y=y)
+    grads = g.backward(mode=mode)
+
+    x_t, y_t = tt(x), tt(y)
+    W_t = tt(W.value)
+    b_a, b_b = tt(lin_a.b.value), tt(lin_b.b.value)
+    H_W, H_b = tt(head.W.value), tt(head.b.value)
+    t_t = torch.tanh(F.linear(x_t, W_t, b_a))
+    s_t = torch.sigmoid(F.linear(x_t, W_t, b_b))
+    out = F.linear(torch.cat([t_t, t_t * s_t], dim=1), H_W, H_b)
+    J_t = ((out - y_t) ** 2).sum() / B
+    J_t.backward()
+
+    close(cost, J_t)
+    close(grads.inputs["x"], x_t.grad)
+    close(grads.inputs["y"], y_t.grad)
+    close(grads.params[W], W_t.grad)  # both uses summed (eq. 14.47)
+    close(grads.params[lin_a.b], b_a.grad)
+    close(grads.params[lin_b.b], b_b.grad)
+    close(grads.params[head.W], H_W.grad)
+    close(grads.params[head.b], H_b.grad)
+    assert set(grads.params) == {W, lin_a.b, lin_b.b, head.W, head.b}
+
+    # each use's term on its own: torch with two untied copies of W
+    W1, W2 = tt(W.value), tt(W.value)
+    t_t = torch.tanh(F.linear(x_t.detach(), W1, b_a.detach()))
+    s_t = torch.sigmoid(F.linear(x_t.detach(), W2, b_b.detach()))
+    out = F.linear(torch.cat([t_t, t_t * s_t], dim=1), H_W.detach(), H_b.detach())
+    (((out - y_t.detach()) ** 2).sum() / B).backward()
+    uses = dict(grads.per_use[W])
+    assert set(uses) == {"lin_a", "lin_b"}
+    close(uses["lin_a"], W1.grad)
+    close(uses["lin_b"], W2.grad)
+    close(W1.grad + W2.grad, W_t.grad)
+
+
+# -------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS: list[tuple[str, Callable[..., bp.Optimizer], Callable[..., Any], dict[str, Any]]] = [
+    # (id, library optimizer, torch optimizer, the hyperparameters both take)
+    ("sgd", bp.SGD, torch.optim.SGD, {"lr": 0.1}),
+    ("sgd_momentum", bp.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    ("sgd_weight_decay", bp.SGD, torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.03}),
+    (
+        "sgd_momentum_weight_decay",
+        bp.SGD,
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.1},
+    ),
+    ("adam", bp.Adam, torch.optim.Adam, {"lr": 0.01}),
+    ("adam_defaults", bp.Adam, torch.optim.Adam, {}),
+    (
+        "adam_betas_eps",
+        bp.Adam,
+        torch.optim.Adam,
+        {"lr": 0.02, "betas": (0.7, 0.95), "eps": 1e-4},
+    ),
+    # weight decay as L2 (λθ added to the gradient): torch's Adam
+    ("adam_l2", bp.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+]
+# decoupled weight decay (θ shrunk by ηλθ beside the adaptive step): torch's AdamW
+OPTIMIZERS.append(
+    (
+        "adamw",
+        lambda params, **kw: bp.Adam(params, decoupled=True, **kw),
+        torch.optim.AdamW,
+        {"lr": 0.01, "weight_decay": 0.1},
+    )
+)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, hyper", [row[1:] for row in OPTIMIZERS], ids=[row[0] for row in OPTIMIZERS]
+)
+def test_optimizer_on_the_same_gradients(
+    ours: Callable[..., bp.Optimizer], theirs: Callable[..., Any], hyper: dict[str, Any]
+) -> None:
+    rng = np.random.default_rng(90)
+    values = [rng.standard_normal((3, 4)), rng.standard_normal(4), rng.standard_normal(())]
+    params = [bp.Parameter(v) for v in values]
+    tensors = [tt(v) for v in values]
+    opt = ours(params, **hyper)
+    opt_t = theirs(tensors, **hyper)
+    for step in range(8):
+        # gradients of very different sizes per entry, and a sign change half way
+        grads = [rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2) for v in values]
+        if step == 4:
+            grads = [-gr for gr in grads]
+        opt.step({p: gr for p, gr in zip(params, grads, strict=True)})
+        for t, gr in zip(tensors, grads, strict=True):
+            t.grad = torch.tensor(gr)
+        opt_t.step()
+        for p, t in zip(params, tensors, strict=True):
+            close(p.value, t, rtol=1e-12, atol=1e-14)
+    # the run moved the parameters: the comparison above was not of untouched values
+    assert not np.allclose(params[0].value, values[0])
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, hyper",
+    [
+        (bp.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+        (bp.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 1e-3}),
+        (
+            lambda params, **kw: bp.Adam(params, decoupled=True, **kw),
+            torch.optim.AdamW,
+            {"lr": 0.01, "weight_decay": 1e-2},
+        ),
+    ],
+    ids=["sgd_momentum", "adam", "adamw"],
+)
+def test_training_steps_match_torch(
+    ours: Callable[..., bp.Optimizer], theirs: Callable[..., Any], hyper: dict[str, Any]
+) -> None:
+    # Each side computes its own gradients at its own current parameters, then steps.
+    rng = np.random.default_rng(91)
+    B = 16
+    x = rng.standard_normal((B, 5))
+    labels = rng.integers(0, 3, size=B)
+    net, lins = _mlp(rng, bp.SoftmaxCrossEntropy())
+    params_t = [(tt(lin.W.value), tt(lin.b.value)) for lin in lins]
+    opt = ours(net, **hyper)
+    opt_t = theirs([t for pair in params_t for t in pair], **hyper)
+    x_t, labels_t = tt(x, grad=False), torch.tensor(labels)
+    costs = []
+    for _ in range(10):
+        J = net.forward(x, labels)
+        _, grads = net.backward(input_grad=False)
+        opt.step(grads)
+
+        opt_t.zero_grad()
+        J_t = F.cross_entropy(_torch_mlp(x_t, params_t), labels_t)
+        J_t.backward()
+        opt_t.step()
+
+        close(J, J_t, rtol=1e-9)
+        costs.append(float(J))
+        for lin, (W_t, b_t) in zip(lins, params_t, strict=True):
+            close(lin.W.value, W_t, rtol=1e-9, atol=1e-12)
+            close(lin.b.value, b_t, rtol=1e-9, atol=1e-12)
+    assert costs[-1] < costs[0]  # it trained
