@@ -58,6 +58,7 @@ class Sequential:
 
     def __init__(self, layers: Iterable[Layer]) -> None:
         self.layers: list[Layer] = list(layers)
+        self._ops: list[Any] | None = None  # the operating points of the last forward
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
         seen: set[int] = set()
@@ -101,11 +102,15 @@ class Sequential:
         try:
             for layer in self.layers[:-1]:
                 x = layer.forward(x, cache=cache)
-            return last.forward(x, *targets, cache=cache)
+            out = last.forward(x, *targets, cache=cache)
         except Exception:
             for layer, op in zip(self.layers, saved, strict=True):
                 layer._op = op
             raise
+        # What this forward left in each layer: backward refuses to run if any layer
+        # has since been run on its own (its operating point would not be this chain's).
+        self._ops = [layer._op for layer in self.layers] if cache else None
+        return out
 
     def backward(
         self,
@@ -158,11 +163,18 @@ class Sequential:
 
     def _require_operating_points(self, what: str) -> None:
         """A ``RuntimeError`` naming the first layer that has no cached forward."""
+        ops = self._ops
         for i, layer in enumerate(self.layers):
             if layer._op is None:
                 raise RuntimeError(
                     f"Sequential.{what}: layer {i} ({layer!r}) has no operating point; "
                     f"call forward() first (a forward with cache=False keeps none)"
+                )
+            if ops is not None and layer._op is not ops[i]:
+                raise RuntimeError(
+                    f"Sequential.{what}: layer {i} ({layer!r}) was run on its own since the "
+                    f"chain's forward, so its operating point is not this chain's; run the "
+                    f"chain's forward() again"
                 )
 
     @property

@@ -26,6 +26,7 @@ This module knows nothing of layers.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from typing import Any
 
@@ -563,6 +564,28 @@ def _check_chain(outer: Jacobian, inner: Jacobian) -> None:
         )
 
 
+#: The longest label a composed or summed Jacobian keeps in full.
+_LABEL_MAX = 80
+_COUNTED = re.compile(r" \((\d+) (?:factors|terms)\)$")
+
+
+def _join(a: str, b: str, sep: str) -> str:
+    """``a + sep + b``, shortened to its first and last part and a count when long,
+    so a chain of many layers keeps a label (and a ``repr``) of one line."""
+    label = f"{a}{sep}{b}"
+    if len(label) <= _LABEL_MAX and not (_COUNTED.search(a) or _COUNTED.search(b)):
+        return label
+
+    def count(s: str) -> int:
+        m = _COUNTED.search(s)
+        return int(m[1]) if m else s.count(sep) + 1
+
+    head = _COUNTED.sub("", a).split(sep)[0][:30]
+    tail = _COUNTED.sub("", b).split(sep)[-1][:30]
+    word = "factors" if sep == " · " else "terms"
+    return f"{head}{sep}…{sep}{tail} ({count(a) + count(b)} {word})"
+
+
 def compose(outer: Jacobian, inner: Jacobian) -> Jacobian:
     """``outer @ inner`` with the structure kept where the pair allows it."""
     _check_chain(outer, inner)
@@ -570,7 +593,7 @@ def compose(outer: Jacobian, inner: Jacobian) -> Jacobian:
         return inner
     if isinstance(inner, Identity):
         return outer
-    label = f"{outer.label} · {inner.label}"
+    label = _join(outer.label, inner.label, " · ")
     if isinstance(outer, Diagonal) and isinstance(inner, Diagonal):
         return Diagonal(outer.d * inner.d, label)
     if isinstance(outer, Dense) and isinstance(inner, Dense):
@@ -596,9 +619,9 @@ def add(a: Jacobian, b: Jacobian) -> Jacobian:
     if a.shape != b.shape or a.batch != b.batch:
         raise ValueError(f"cannot add {a!r} and {b!r}: shapes or batches differ")
     if isinstance(a, Diagonal) and isinstance(b, Diagonal):
-        return Diagonal(a.d + b.d, f"{a.label} + {b.label}")
+        return Diagonal(a.d + b.d, _join(a.label, b.label, " + "))
     if isinstance(a, Dense) and isinstance(b, Dense) and a.shared == b.shared:
-        return Dense(a.A + b.A, f"{a.label} + {b.label}", batch=a.batch)
+        return Dense(a.A + b.A, _join(a.label, b.label, " + "), batch=a.batch)
     terms = (a.terms if isinstance(a, Sum) else [a]) + (b.terms if isinstance(b, Sum) else [b])
     return Sum(terms)
 

@@ -10,7 +10,22 @@ from backprop.jacobian import Dense, Identity, Jacobian, Kronecker
 from backprop.layer import Layer, OperatingPoint, Parameter
 
 
+def _given_dtype(*values: Any) -> np.dtype[Any]:
+    """The dtype of the first given float value (a Parameter or an array), else float64."""
+    for v in values:
+        dtype = v.dtype if isinstance(v, Parameter | np.ndarray) else None
+        if dtype in (np.float32, np.float64):
+            return np.dtype(dtype)
+    return np.dtype(np.float64)
+
+
 def _as_parameter(where: str, value: Any, shape: tuple[int, ...], dtype: Any) -> Parameter:
+    if isinstance(value, np.ndarray) and value.dtype in (np.float32, np.float64):
+        if value.dtype != np.dtype(dtype):
+            raise TypeError(
+                f"{where}: expected dtype {np.dtype(dtype).name}, got {value.dtype.name}; "
+                f"pass dtype=np.{value.dtype.name} or convert the array"
+            )
     p = value if isinstance(value, Parameter) else Parameter(np.asarray(value, dtype=dtype))
     if p.shape != shape:
         raise ValueError(f"{where}: expected shape {shape}, got {p.shape}")
@@ -33,7 +48,9 @@ class Linear(Layer):
 
     ``W`` and ``b`` may be given as arrays or as Parameters (to tie layers,
     chapter 14.8). Otherwise ``W`` and ``b`` are drawn uniformly from
-    ``±1/sqrt(n_in)`` with ``rng``.
+    ``±1/sqrt(n_in)`` with ``rng``. ``dtype`` (float32 or float64) defaults to
+    that of a given float ``W`` (else ``b``), and to float64 otherwise; given
+    values of another dtype are refused, not converted.
     """
 
     def __init__(
@@ -45,9 +62,11 @@ class Linear(Layer):
         W: Any = None,
         b: Any = None,
         rng: Any = None,
-        dtype: Any = np.float64,
+        dtype: Any = None,
     ) -> None:
         super().__init__()
+        if dtype is None:
+            dtype = _given_dtype(W, b)
         self._ones = np.ones(0)  # a cached vector of B ones, for dJ/db (see _backward)
         for what, n in (("n_in", n_in), ("n_out", n_out)):
             if not isinstance(n, int | np.integer) or n < 1:

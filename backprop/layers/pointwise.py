@@ -63,6 +63,11 @@ class Pointwise(Layer):
         if not isinstance(d, np.ndarray):
             d = np.asarray(d)
         if d.shape != x_in.shape:
+            if d.ndim:  # a scalar h' (a linear h) is the one shape that may differ
+                raise ValueError(
+                    f"{self!r}: h' returned shape {d.shape} for an input of shape "
+                    f"{x_in.shape}; a pointwise h' must keep the shape (or be a scalar)"
+                )
             d = np.broadcast_to(d, x_in.shape)
         if d.dtype != x_in.dtype and not (allow_bool and d.dtype == np.bool_):
             d = d.astype(x_in.dtype)
@@ -116,6 +121,8 @@ class LeakyReLU(Pointwise):
 
     def __init__(self, slope: float = 0.01) -> None:
         super().__init__()
+        if isinstance(slope, bool) or not isinstance(slope, int | float | np.floating | np.integer):
+            raise TypeError(f"LeakyReLU: slope must be a number, got {slope!r}")
         self.slope = float(slope)
 
     def h(self, x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from backprop.jacobian import Dense, Diagonal, Identity, Jacobian, Selection, Tile
-from backprop.layer import Layer, OperatingPoint, Parameter, check_float
+from backprop.layer import Layer, OperatingPoint, Parameter, _owned, check_float
+
+
+def _read_only(g: np.ndarray) -> np.ndarray:
+    """A read-only view of ``g``: a gradient passed on unchanged (or reshaped, or
+    sliced) cannot be edited by whoever receives it, so neither can the array it
+    came from."""
+    v = g.view()
+    v.setflags(write=False)
+    return v
 
 
 class Merge(Layer):
@@ -33,7 +42,7 @@ class Merge(Layer):
 
     def __init__(self, n: int | None = None) -> None:
         super().__init__()
-        if n is not None and (not isinstance(n, int) or n < 1):
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"Merge: n must be a positive integer, got {n!r}")
         self.n = n
         self.inputs = _merge_inputs(2 if n is None else n)
@@ -44,7 +53,9 @@ class Merge(Layer):
             self.inputs = _merge_inputs(n)
 
     def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
-        if self.n is not None or len(x_in) == len(self.inputs) or not x_in:
+        if not x_in:
+            raise TypeError("Merge.forward needs at least one input to concatenate")
+        if self.n is not None or len(x_in) == len(self.inputs):
             return super().forward(*x_in, cache=cache)
         before = self.inputs
         self._fit(len(x_in))
@@ -69,7 +80,7 @@ class Merge(Layer):
         if not input_grad:
             return (None,) * len(op.x_in), {}
         g_in = tuple(
-            g_out[:, start : start + size].reshape(x.shape)
+            _read_only(g_out[:, start : start + size].reshape(x.shape))
             for (start, size), x in zip(self._blocks(op), op.x_in, strict=True)
         )
         return g_in, {}
@@ -94,19 +105,36 @@ class Branch(Layer):
     ``backward`` takes a tuple of ``n`` gradients (``None`` counts as zero) and
     returns their sum. The Jacobian of the stacked outputs is ``[I; I; ...]``
     (eq. 14.45).
+
+    A Branch also copies integer data (class labels read by several losses): it
+    passes them on and sends no gradient back, as the labels get none.
     """
 
     def __init__(self, n: int = 2) -> None:
         super().__init__()
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"Branch: n must be a positive integer, got {n!r}")
         self.n = n
+
+    def _validate_inputs(self, x_in: Any) -> tuple[np.ndarray, ...]:
+        if len(x_in) == 1:
+            x = np.asarray(x_in[0])
+            if x.dtype.kind in "iu" and x.ndim:  # labels: copied on, no gradient
+                return (_owned(x),)
+        return super()._validate_inputs(x_in)
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> Any:
         return (x_in,) * self.n
 
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> Any:
         x = op.x_in[0]
+        if x.dtype.kind in "iu":
+            if isinstance(g_out, tuple | list) and all(g is None for g in g_out):
+                return []
+            raise TypeError(
+                f"{self!r}.backward: the input is integer data (labels, shape {x.shape}), "
+                f"which gets no gradient; its copies' gradients must all be None"
+            )
         if not isinstance(g_out, tuple | list) or len(g_out) != self.n:
             raise TypeError(
                 f"{self!r}.backward takes a tuple of {self.n} gradients (one per copy, "
@@ -127,17 +155,24 @@ class Branch(Layer):
     def _backward(
         self, op: OperatingPoint, g_out: Any, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        if not input_grad:
+        if not input_grad or op.x_in[0].dtype.kind in "iu":
             return None, {}
         if not g_out:
             return np.zeros_like(op.x_in[0]), {}
-        total = g_out[0].copy() if len(g_out) > 1 else g_out[0]
+        if len(g_out) == 1:
+            return _read_only(g_out[0]), {}
+        total = g_out[0].copy()
         for g in g_out[1:]:
             total += g
         return total, {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x = op.x_in[0]
+        if x.dtype.kind in "iu":
+            raise TypeError(
+                f"{self!r}.jacobians: the input is integer data (labels, shape {x.shape}), "
+                f"which has no Jacobian"
+            )
         return Tile(self.n, int(x[0].size), x.shape[0], x.dtype), {}
 
     def __repr__(self) -> str:
@@ -163,8 +198,7 @@ class Add(Layer):
             return (None, None), {}
         # Both gradients are g_out: one read-only view serves both, so neither can
         # be edited through the other (nor the caller's g_out through them).
-        g = g_out.view()
-        g.flags.writeable = False
+        g = _read_only(g_out)
         return (g, g), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
@@ -227,7 +261,7 @@ class Reshape(Layer):
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (g_out.reshape(op.x_in[0].shape) if input_grad else None), {}
+        return (_read_only(g_out.reshape(op.x_in[0].shape)) if input_grad else None), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x = op.x_in[0]
@@ -362,7 +396,7 @@ class Shift(Layer):
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (g_out if input_grad else None), {}
+        return (_read_only(g_out) if input_grad else None), {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x = op.x_in[0]
