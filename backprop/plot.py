@@ -57,6 +57,25 @@ def _symmetric_limit(*arrays: np.ndarray) -> float:
     return m if m > 0 else 1.0
 
 
+_ALL_TICKS = 12  # up to this many rows (or columns), every index gets a tick
+
+
+def _index_ticks(axis: Any, n: int) -> None:
+    """Integer ticks only on one axis of a matrix picture with ``n`` rows or columns.
+
+    Entry ``i`` of a matrix drawn by ``imshow`` or ``spy`` is centred on ``i``;
+    matplotlib's default locator would also put ticks at ``-0.5, 0.5, ...``,
+    between entries. Small matrices get a tick at every index, larger ones a
+    few integer ticks.
+    """
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    if n <= _ALL_TICKS:
+        axis.set_major_locator(FixedLocator(list(range(n))))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=8, integer=True, min_n_ticks=2))
+
+
 # ------------------------------------------------------------------ Jacobians as matrices
 
 
@@ -117,6 +136,8 @@ def plot_jacobian(
         A, cmap=_DIVERGING, vmin=-lim, vmax=lim, interpolation="nearest", aspect=aspect
     )
     fig.colorbar(image, ax=ax, shrink=0.8)
+    _index_ticks(ax.xaxis, N)
+    _index_ticks(ax.yaxis, M)
     ax.set_xlabel(f"{wrt} entry (column j)")
     ax.set_ylabel("x_out entry (row i)")
     name = "L^x" if wrt == "x_in" else f"L^{wrt}"
@@ -132,15 +153,18 @@ def plot_sparsity(J: Any, example: int = 0, ax: Any = None, *, wrt: str = "x_in"
     """
     S = _sparse(J, example, "plot_sparsity")
     M, N = S.shape
-    fig, ax = _figure_and_ax(ax, (min(8.0, 2.0 + 0.2 * N), min(8.0, 1.5 + 0.2 * M)))
+    fig, ax = _figure_and_ax(ax, (min(8.0, 3.5 + 0.2 * N), min(8.0, 2.0 + 0.2 * M)))
     size = max(1.0, min(8.0, 250.0 / max(M, N, 1)))
     aspect = "equal" if max(M, N) <= 8 * min(M, N) else "auto"
     ax.spy(S, markersize=size, precision="present", aspect=aspect, color="#1f4e79")
+    ax.xaxis.set_ticks_position("bottom")  # spy puts them on top, away from the label
+    _index_ticks(ax.xaxis, N)
+    _index_ticks(ax.yaxis, M)
     ax.set_xlabel(f"{wrt} entry (column j)")
     ax.set_ylabel("x_out entry (row i)")
     nnz = int(S.nnz)
     ax.set_title(
-        f"sparsity of ∂x_out/∂{wrt}: {nnz} of {M}×{N} entries stored "
+        f"sparsity of ∂x_out/∂{wrt}:\n{nnz} of {M}×{N} entries stored "
         f"({100.0 * nnz / max(M * N, 1):.1f}%)"
     )
     return fig
@@ -183,34 +207,36 @@ def plot_backward_step(
         result = gi_rows[example if gi_rows.shape[0] > 1 else 0]
     plt = _pyplot()
     cell = min(0.35, 9.0 / (2 * N + M + 2))
-    fig = plt.figure(figsize=(max(6.0, cell * (2 * N + M) + 2.5), max(2.5, cell * M + 1.8)))
-    grid = fig.add_gridspec(
-        1, 5, width_ratios=[N, 0.15 * (2 * N + M) / 4, M, 0.15 * (2 * N + M) / 4, N]
+    # constrained layout keeps every panel's labels inside its own column, so the
+    # operator columns ("=" and "·") never run into the y label of L
+    fig = plt.figure(
+        figsize=(max(6.5, cell * (2 * N + M) + 3.5), max(2.6, cell * M + 2.0)), layout="constrained"
     )
+    sign_width = 0.15 * (2 * N + M) / 4
+    grid = fig.add_gridspec(1, 5, width_ratios=[N, sign_width, M, sign_width, N])
     param = wrt != "x_in"
     names = (f"∂J/∂{wrt}", "g_out", f"L^{wrt}") if param else ("g_in", "g_out", "L^x")
     panels = [
-        (0, result[None, :], f"{names[0]}  (1×{N})"),
-        (2, g_row[None, :], f"{names[1]}  (1×{M})"),
-        (4, A, f"{names[2]}  ({M}×{N})"),
+        (0, result[None, :], f"{names[0]}  (1×{N})", f"{wrt} entry"),
+        (2, g_row[None, :], f"{names[1]}  (1×{M})", "x_out entry"),
+        (4, A, f"{names[2]}  ({M}×{N})", f"{wrt} entry"),
     ]
-    for col, data, label in panels:
+    for col, data, label, xlabel in panels:
         ax = fig.add_subplot(grid[0, col])
         lim = _symmetric_limit(data)
         ax.imshow(data, cmap=_DIVERGING, vmin=-lim, vmax=lim, interpolation="nearest")
         ax.set_title(label)
-        ax.set_yticks([])
+        ax.set_xlabel(xlabel)
+        _index_ticks(ax.xaxis, data.shape[1])
         if col == 4:
+            _index_ticks(ax.yaxis, M)
             ax.set_ylabel("x_out entry")
-            ax.set_xlabel(f"{wrt} entry")
-        elif col == 0:
-            ax.set_xlabel(f"{wrt} entry")
         else:
-            ax.set_xlabel("x_out entry")
+            ax.set_yticks([])  # a single row
     for col, sign in ((1, "="), (3, "·")):
         ax = fig.add_subplot(grid[0, col])
         ax.axis("off")
-        ax.text(0.5, 0.5, sign, ha="center", va="center", fontsize=22)
+        ax.text(0.5, 0.5, sign, ha="center", va="center", fontsize=26, fontweight="bold")
     eq = "eq. 14.8" if param else "eq. 14.10"
     fig.suptitle(f"{names[0]} = {names[1]} · {names[2]}  ({eq})")
     return fig
@@ -274,7 +300,8 @@ def plot_input_gradients(
     ``grads`` is ``(K, *shape)`` or ``(K, prod(shape))``: for example row ``k``
     of ``∂ score / ∂ x`` (the gradient of class ``k``'s score with respect to
     the input, chapter 14.9). All gradient panels share one symmetric colour
-    scale (red raises the score, blue lowers it). ``image`` (one input, any
+    scale (red raises the score, blue lowers it), shown by one colour bar at
+    the right; the bar is the figure's last Axes. ``image`` (one input, any
     shape with ``prod(shape)`` entries) is shown first, in grey.
     """
     G = np.asarray(grads, dtype=np.float64)
@@ -300,13 +327,16 @@ def plot_input_gradients(
     rows = -(-len(panels) // cols)
     plt = _pyplot()
     fig, axes = plt.subplots(
-        rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False, layout="constrained"
+        rows, cols, figsize=(1.8 * cols + 0.9, 2.0 * rows), squeeze=False, layout="constrained"
     )
     lim = _symmetric_limit(G)
+    mappable = None
     for ax, (data, title, signed) in zip(axes.flat, panels, strict=False):
         data2 = data if data.ndim == 2 else data.reshape(data.shape[0], -1)
         if signed:
-            ax.imshow(data2, cmap=_DIVERGING, vmin=-lim, vmax=lim, interpolation="nearest")
+            mappable = ax.imshow(
+                data2, cmap=_DIVERGING, vmin=-lim, vmax=lim, interpolation="nearest"
+            )
         else:
             ax.imshow(data2, cmap="gray_r", interpolation="nearest")
         ax.set_title(title, fontsize=9)
@@ -314,6 +344,10 @@ def plot_input_gradients(
         ax.set_yticks([])
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    if mappable is not None:  # one bar for all gradient panels: they share the scale
+        bar = fig.colorbar(mappable, ax=list(axes.flat), shrink=0.9, aspect=30, pad=0.02)
+        bar.set_label("gradient", fontsize=8)
+        bar.ax.tick_params(labelsize=8)
     return fig
 
 
@@ -431,7 +465,7 @@ def _view(model: Any) -> list[_DrawNode]:
         nodes.append(
             _DrawNode(
                 key,
-                f"{_short(layer)}\n({i + 1})",
+                f"{_short(layer)}\n({i})",  # 0-based, as print(model) and "0.W" count
                 _layer_kind(layer),
                 [prev, *extra, *pkeys],
                 [""] * (1 + len(extra) + len(pkeys)),
@@ -516,11 +550,15 @@ def draw_graph(model: Any, ax: Any = None) -> Any:
 
     Blue rounded boxes are data (the inputs and the outputs), orange boxes are
     layers, green jagged boxes are ``Branch`` and ``Merge`` (an automatically
-    inserted Branch is dashed and says "(auto)"), red is the loss, and yellow
-    circles above a layer are its parameters θ (a tied Parameter is one circle
-    with an arrow to every layer that uses it). An edge from a node with several
-    outputs is labelled with the output's index. The layout is computed here:
-    no graphviz is needed (``to_dot`` gives the DOT text for those who have it).
+    inserted Branch is dashed and says "(auto)"), red is the loss, and small
+    yellow rounded boxes above a layer are its parameters θ, joined to it by a
+    dotted arrow (a tied Parameter is one box with an arrow to every layer that
+    uses it). A layer of a ``Sequential`` is numbered ``(i)`` from 0, as
+    ``print(model)`` numbers it and as its parameters are named (``0.W``);
+    after a forward pass, ``→`` and the shape of one example's output follow.
+    An edge from a node with several outputs is labelled with the output's
+    index. The layout is computed here: no graphviz is needed (``to_dot`` gives
+    the DOT text for those who have it).
     """
     from matplotlib.patches import FancyArrowPatch
 

@@ -31,6 +31,16 @@ def texts(fig) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts]
 
 
+def ticks(axis) -> list[float]:
+    """The tick positions inside the axis's view: the ones that are drawn."""
+    lo, hi = sorted(axis.get_view_interval())
+    return [float(t) for t in axis.get_majorticklocs() if lo <= t <= hi]
+
+
+def is_integer_list(values) -> bool:
+    return all(float(v).is_integer() for v in values)
+
+
 @pytest.fixture
 def linear():
     rng = np.random.default_rng(0)
@@ -58,6 +68,20 @@ def test_plot_jacobian_shows_the_dense_matrix_with_the_chapters_axes(linear) -> 
     lo, hi = images(fig)[0].min(), images(fig)[0].max()
     vmin, vmax = ax.get_images()[0].get_clim()
     assert vmin == -vmax == -max(abs(lo), abs(hi))  # zero is the middle of the scale
+    # one tick per entry index, never between entries (-0.5, 0.5, ...)
+    assert ticks(ax.xaxis) == [0, 1, 2, 3] and ticks(ax.yaxis) == [0, 1, 2]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+
+
+def test_plot_jacobian_ticks_are_integers_for_any_size() -> None:
+    for M, N in ((1, 1), (2, 2), (5, 13), (40, 64)):
+        ax = plot.plot_jacobian(np.ones((M, N))).axes[0]
+        for axis, n in ((ax.xaxis, N), (ax.yaxis, M)):
+            shown = ticks(axis)
+            assert shown and is_integer_list(shown), (M, N, shown)
+            assert min(shown) >= 0 and max(shown) <= n - 1
+        plt.close("all")
 
 
 def test_plot_jacobian_of_a_parameter(linear) -> None:
@@ -92,6 +116,8 @@ def test_plot_sparsity_marks_the_stored_entries() -> None:
     np.testing.assert_array_equal(line.get_xdata(), line.get_ydata())  # the diagonal
     assert "3 of 5×5" in ax.get_title() and "12.0%" in ax.get_title()
     assert "x_out" in ax.get_ylabel() and "x_in" in ax.get_xlabel()
+    assert ticks(ax.xaxis) == ticks(ax.yaxis) == [0, 1, 2, 3, 4]
+    assert ax.xaxis.get_ticks_position() == "bottom"  # next to its label
 
 
 def test_plot_backward_step_is_the_matrix_product(linear) -> None:
@@ -108,6 +134,30 @@ def test_plot_backward_step_is_the_matrix_product(linear) -> None:
     assert titles == ["g_in  (1×4)", "g_out  (1×3)", "L^x  (3×4)"]
     assert fig._suptitle.get_text() == "g_in = g_out · L^x  (eq. 14.10)"
     assert {"=", "·"} <= set(texts(fig))
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert [ticks(ax.xaxis) for ax in panels] == [[0, 1, 2, 3], [0, 1, 2], [0, 1, 2, 3]]
+    assert ticks(panels[2].yaxis) == [0, 1, 2] and panels[2].get_ylabel() == "x_out entry"
+
+
+def test_plot_backward_step_keeps_the_signs_clear_of_the_labels(linear) -> None:
+    lin, _ = linear
+    L_x, L_theta = lin.jacobians()
+    for L, g_out, wrt in ((L_x, np.ones((1, 3)), "x_in"), (L_theta["W"], np.ones((1, 3)), "W")):
+        fig = plot.plot_backward_step(g_out, L, wrt=wrt)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        signs = [t for ax in fig.axes for t in ax.texts if t.get_text() in ("=", "·")]
+        panels = [ax for ax in fig.axes if ax.get_images()]
+        assert len(signs) == 2 and len(panels) == 3
+        for sign in signs:
+            box = sign.get_window_extent(renderer)
+            for ax in panels:  # the sign overlaps no panel, tick label or axis label
+                assert not box.overlaps(ax.get_tightbbox(renderer)), (wrt, sign.get_text())
+        # the "·" sits between g_out and L, clear of L's y label
+        dot = next(s for s in signs if s.get_text() == "·").get_window_extent(renderer)
+        ylabel = panels[2].yaxis.label.get_window_extent(renderer)
+        assert dot.x1 < ylabel.x0
+        plt.close(fig)
 
 
 def test_plot_backward_step_shows_a_given_g_in_and_parameter_steps(linear) -> None:
@@ -172,6 +222,14 @@ def test_plot_input_gradients_one_panel_per_row() -> None:
     assert titled == ["input x", "a", "b", "c"]
     clims = {ax.get_images()[0].get_clim() for ax in fig.axes[1:4]}
     assert clims == {(-101.0, 101.0)}  # one shared, symmetric scale: max |g| = 191 - 90
+    # and one colour bar for that scale: the last Axes, after the 4 panels
+    assert len(fig.axes) == 4 + 1
+    bar = fig.axes[-1]
+    assert bar.get_label() == "<colorbar>" and bar.get_ylabel() == "gradient"
+    assert bar.get_ylim() == (-101.0, 101.0)
+    without_image = plot.plot_input_gradients(grads, (8, 8))
+    assert len(without_image.axes) == 3 + 1
+    assert without_image.axes[-1].get_ylim() == (-101.0, 101.0)
     with pytest.raises(ValueError, match=r"expected \(K, 64\)"):
         plot.plot_input_gradients(np.zeros((2, 10)))
 
@@ -190,6 +248,14 @@ def test_draw_sequential() -> None:
         assert expected in words
     assert any(w.startswith("Linear(3→4)") for w in words)
     assert any(w.startswith("SoftmaxCrossEntropy") for w in words)
+    # the layers are numbered from 0, as print(model) and the parameter names count
+    layers = [w for w in words if "\n(" in w]
+    assert layers == [
+        "Linear(3→4)\n(0)",
+        "ReLU\n(1)",
+        "Linear(4→2)\n(2)",
+        "SoftmaxCrossEntropy\n(3)",
+    ]
     colours = {t.get_text(): t.get_bbox_patch().get_facecolor() for t in fig.axes[0].texts}
     assert colours["0.W\n4×3"] != colours["x_0"]  # parameters are not data
     # 3 data edges into layers + labels + J, and 4 parameter edges
