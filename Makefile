@@ -80,8 +80,11 @@ format: venv
 
 # ------------------------------------------------------------------ running
 
+# The demo's matrix products are small (a 64×64 minibatch times 64×256): a second
+# BLAS thread gains nothing on them, and on a busy 2-core machine it makes every
+# product wait for the other core. A thread count set by the caller is kept.
 demo: venv
-	$(BIN)/python -m backprop demo $(ARGS)
+	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(BIN)/python -m backprop demo $(ARGS)
 
 # `jupyter execute` comes with nbclient; it runs each notebook headless and, with
 # --inplace, writes the outputs back into the file.

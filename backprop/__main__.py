@@ -1,7 +1,9 @@
 """The command line: ``python -m backprop demo [options]``.
 
 A bad option or value prints one line (what is wrong, and where the help is)
-and exits with status 2, as argparse does, but without the usage block.
+and exits with status 2, as argparse does, but without the usage block; so
+does an ``--out`` folder that cannot be made or written, found before training.
+A failed gradcheck exits with status 1 once everything is reported.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from backprop.demo import DEFAULTS, OPTIMIZERS
+from backprop.check import GradcheckError
+from backprop.demo import DEFAULTS, OPTIMIZERS, DemoError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +100,7 @@ def _parser() -> _Parser:
     )
     demo.add_argument(
         "--seed",
-        type=int,
+        type=_count,
         default=DEFAULTS["seed"],
         help="seeds the split, the initial weights and the minibatch order",
     )
@@ -166,7 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             gradcheck_examples=args.gradcheck_examples,
             progress=args.progress,
         )
-    except AssertionError:  # a failed gradcheck, already reported
+    except DemoError as e:
+        option = "--" + e.setting.replace("_", "-")
+        print(
+            f"{parser.prog} demo: error: argument {option}: {e.problem} "
+            f"(see {parser.prog} demo --help)",
+            file=sys.stderr,
+        )
+        return 2
+    except GradcheckError:  # reported in full above, table included
+        print(f"{parser.prog} demo: error: the gradcheck failed (see above)", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"{parser.prog} demo: error: {e}", file=sys.stderr)

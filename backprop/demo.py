@@ -6,19 +6,25 @@
 2. builds ``Linear → ReLU → ... → Linear → SoftmaxCrossEntropy`` (64 inputs,
    10 classes), the chain of figure 14.1 ending in the cost ``J``;
 3. trains it with seeded minibatches, showing the progress; the training set
-   is enlarged with copies of each image shifted by one pixel (the test set is
-   never touched and is only watched: nothing is chosen by it);
+   is enlarged with copies of each image shifted by one pixel. The test set is
+   only watched: its loss and accuracy after each epoch are ``fit``'s
+   validation columns, labelled "test" in the epoch lines and the figure, and
+   nothing is chosen by them;
 4. runs the three-way ``gradcheck`` on the trained network at a few test
    examples and prints the worst relative error;
 5. writes figures (when matplotlib is installed): the training curves, the
    network drawn as a DAG, and ``∂ score / ∂ input`` for one test image, an
    8×8 picture per class (chapter 14.9);
 6. ends with the line ``test accuracy: 0.98``.
+
+The settings are checked, and the output folder made and tried, before the
+data is loaded: a bad one raises ``DemoError`` at once, not after training.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +33,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from backprop.check import gradcheck
+from backprop.check import GradcheckError, gradcheck
 from backprop.datasets import load_digits, train_test_split
 from backprop.graph import Sequential
 from backprop.layer import Layer
@@ -35,7 +41,15 @@ from backprop.layers import Linear, ReLU, SoftmaxCrossEntropy
 from backprop.optim import SGD, Adam, Optimizer
 from backprop.train import History, accuracy, fit
 
-__all__ = ["DEFAULTS", "DemoResult", "build_mlp", "make_optimizer", "run", "shift_augment"]
+__all__ = [
+    "DEFAULTS",
+    "DemoError",
+    "DemoResult",
+    "build_mlp",
+    "make_optimizer",
+    "run",
+    "shift_augment",
+]
 
 #: The demo's default settings (``python -m backprop demo --help`` shows them).
 DEFAULTS: dict[str, Any] = {
@@ -54,9 +68,26 @@ DEFAULTS: dict[str, Any] = {
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
+class DemoError(ValueError):
+    """A setting of the demo that cannot work, found before any training.
+
+    ``setting`` is the name of ``run``'s argument (``"out"``, ``"seed"``);
+    ``problem`` says what is wrong with it, in one line.
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
 @dataclass
 class DemoResult:
-    """What ``run`` measured and wrote."""
+    """What ``run`` measured and wrote.
+
+    ``history.val_loss`` and ``history.val_accuracy`` are measured on the test
+    set (it is ``fit``'s validation set here, watched but never tuned on).
+    """
 
     test_accuracy: float
     history: History
@@ -121,7 +152,37 @@ def _score_gradients(net: Sequential, x: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.array(scores[0]), np.asarray(g_0)
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot``, or None when matplotlib is not installed."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _output_folder(out: str | Path) -> Path:
+    """``out`` as a folder the figures can be written to: made when missing, then tried.
+
+    Raises ``DemoError`` when ``out`` is a file, cannot be made, or takes no new file.
+    """
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise DemoError("out", f"{path} exists and is not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError("out", f"cannot make the folder {path}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DemoError("out", f"cannot write in the folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def _figures(
+    plt: Any,
     net: Sequential,
     history: History,
     X_test: np.ndarray,
@@ -129,14 +190,8 @@ def _figures(
     out: Path,
     say: Any,
 ) -> list[Path]:
-    try:
-        import matplotlib.pyplot as plt
+    from backprop import plot
 
-        from backprop import plot
-    except ImportError:
-        say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
-        return []
-    out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -145,7 +200,7 @@ def _figures(
         plt.close(fig)
         written.append(path)
 
-    save(plot.plot_history(history), "training_curves.png")
+    save(plot.plot_history(history, val_label="test"), "training_curves.png")
     save(plot.draw_graph(net), "network.png")
     x, label = X_test[0], int(y_test[0])
     scores, grads = _score_gradients(net, x)
@@ -177,8 +232,14 @@ def run(
     """Train, check and draw (see the module docstring); print as it goes.
 
     The last line printed is ``test accuracy: 0.xx``. A failing gradcheck is
-    reported and re-raised after the figures are written.
+    reported in full (with its table of worst entries) and its
+    ``GradcheckError`` re-raised after the figures are written. A bad ``seed``
+    or ``out`` raises ``DemoError`` before anything is printed or trained.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DemoError("seed", f"must be an integer >= 0, got {seed!r}")
+    plt = _pyplot()
+    folder = _output_folder(out) if plt is not None else None
     stream = sys.stdout if file is None else file
 
     def say(line: str = "") -> None:
@@ -208,6 +269,7 @@ def run(
         batch_size=batch_size,
         optimizer=opt,
         validation=(X_test, y_test),
+        validation_label="test",
         seed=seed,
         progress=progress,
         file=stream,
@@ -215,7 +277,7 @@ def run(
     say(f"trained in {history.seconds[-1]:.1f} s")
 
     worst: float | None = None
-    failure: AssertionError | None = None
+    failure: GradcheckError | None = None
     k = min(gradcheck_examples, X_test.shape[0])
     if k > 0:
         t = time.perf_counter()
@@ -229,11 +291,15 @@ def run(
                 f"(against finite differences), {exact:.1e} between the fast backward pass "
                 f"and the explicit Jacobians"
             )
-        except AssertionError as e:
+        except GradcheckError as e:
             failure = e
-            say(f"gradcheck FAILED: {str(e).splitlines()[0]}")
+            say(f"gradcheck FAILED: {e}")
 
-    figures = _figures(net, history, X_test, y_test, Path(out), say)
+    if plt is None or folder is None:
+        say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
+        figures = []
+    else:
+        figures = _figures(plt, net, history, X_test, y_test, folder, say)
     test_acc = accuracy(net, X_test, y_test)
     seconds = time.perf_counter() - start
     correct = round(test_acc * X_test.shape[0])

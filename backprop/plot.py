@@ -245,8 +245,17 @@ def plot_backward_step(
 # ------------------------------------------------------------------ training and inputs
 
 
-def plot_history(history: Any, ax: Any = None) -> Any:
+def _curve(key: str, val_label: str) -> str:
+    """``"train_loss"`` -> ``"train loss"``; ``"val_loss"`` -> ``"<val_label> loss"``."""
+    split, what = key.split("_", 1)
+    return f"{val_label if split == 'val' else split} {what}"
+
+
+def plot_history(history: Any, ax: Any = None, *, val_label: str = "val") -> Any:
     """Training curves: loss per epoch (and accuracy, when there is one).
+
+    The validation curves are labelled ``val_label`` (``"test"`` for a held-out
+    test set that was only watched).
 
     ``history`` is a ``backprop.train.History`` or its ``as_dict()``. With
     ``ax=None`` the figure has two panels, loss and accuracy; with one Axes
@@ -269,7 +278,7 @@ def plot_history(history: Any, ax: Any = None) -> Any:
     for key, style in (("train_loss", "-"), ("val_loss", "--")):
         values = np.asarray(h.get(key, []), dtype=float)
         if values.size:
-            loss_ax.plot(epochs, values, style, marker=".", label=key.replace("_", " "))
+            loss_ax.plot(epochs, values, style, marker=".", label=_curve(key, val_label))
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss J")
     loss_ax.set_title("loss")
@@ -278,7 +287,7 @@ def plot_history(history: Any, ax: Any = None) -> Any:
         for key, style in (("train_accuracy", "-"), ("val_accuracy", "--")):
             values = accs[key]
             if values.size and not np.all(np.isnan(values)):
-                acc_ax.plot(epochs, values, style, marker=".", label=key.replace("_", " "))
+                acc_ax.plot(epochs, values, style, marker=".", label=_curve(key, val_label))
         acc_ax.set_ylabel("accuracy")
         if ax is None:
             acc_ax.set_xlabel("epoch")

@@ -207,12 +207,12 @@ def _progress_bar_factory(out: TextIO) -> Any:
     return tqdm
 
 
-def _summary(history: History, i: int) -> str:
+def _summary(history: History, i: int, val: str) -> str:
     parts = [f"train loss {history.train_loss[i]:.4f}"]
     if not math.isnan(history.train_accuracy[i]):
         parts.append(f"acc {history.train_accuracy[i]:.4f}")
     if history.val_loss:
-        parts.append(f"val loss {history.val_loss[i]:.4f}")
+        parts.append(f"{val} loss {history.val_loss[i]:.4f}")
         if not math.isnan(history.val_accuracy[i]):
             parts.append(f"acc {history.val_accuracy[i]:.4f}")
     return "  ".join(parts)
@@ -252,6 +252,7 @@ def fit(
     batch_size: int = 32,
     optimizer: Optimizer | None = None,
     validation: tuple[Any, Any] | None = None,
+    validation_label: str = "val",
     seed: int | np.random.Generator | None = 0,
     progress: bool | str = True,
     file: TextIO | None = None,
@@ -268,7 +269,9 @@ def fit(
       omitted. It must cover every parameter of the model.
     - ``seed``: seeds the order of the examples in every epoch (an int or a
       ``numpy.random.Generator``), so equal seeds give equal runs.
-    - ``validation``: ``(X_val, y_val)``, evaluated after every epoch.
+    - ``validation``: ``(X_val, y_val)``, evaluated after every epoch;
+      ``validation_label`` names it in the progress lines (``"test"`` when it is
+      a held-out test set that is only watched).
     - ``progress``: ``True`` shows a progress bar (``tqdm``, when installed and
       the output is a terminal or a notebook) or else prints one line per epoch;
       ``"plain"`` always prints the lines; ``False`` prints nothing.
@@ -334,12 +337,13 @@ def fit(
                 history.val_accuracy.append(val_acc)
             history.seconds.append(time.perf_counter() - start)
             if pbar is not None:
-                pbar.set_postfix_str(_summary(history, -1))
+                pbar.set_postfix_str(_summary(history, -1, validation_label))
         finally:
             if pbar is not None:
                 pbar.close()
         if progress and pbar is None:
-            print(f"{label}  {_summary(history, -1)}  ({history.seconds[-1]:.1f} s)", file=out)
+            summary = _summary(history, -1, validation_label)
+            print(f"{label}  {summary}  ({history.seconds[-1]:.1f} s)", file=out)
     return history
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
+import backprop.demo
+import backprop.plot
 from backprop.__main__ import main
-from backprop.demo import run
+from backprop.check import GradcheckError
+from backprop.demo import DemoError, run
+from backprop.train import History
 
 ACCURACY_LINE = re.compile(r"test accuracy: (\d\.\d\d)")
 
@@ -39,6 +44,7 @@ def test_short_demo_prints_the_lines_and_writes_the_figures(tmp_path, capsys) ->
     for name in names:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"figures written to {out}/" in "\n".join(lines)
+    assert all(" test loss " in e and " val " not in e for e in epochs)
 
 
 def test_default_demo_reaches_97_percent(tmp_path) -> None:
@@ -84,6 +90,7 @@ def test_help_lists_the_options() -> None:
         (["demo", "--lr", "fast"], "'fast' is not a positive number"),
         (["demo", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
         (["demo", "--hidden"], "expected at least one argument"),
+        (["demo", "--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
         (["train"], "invalid choice: 'train'"),
     ],
 )
@@ -95,3 +102,118 @@ def test_bad_options_give_one_line_and_status_2(args, words) -> None:
     assert len(lines) == 1, result.stderr
     assert words in lines[0] and "--help" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ settings checked up front
+
+
+def test_run_checks_the_seed_before_anything_else(tmp_path, capsys) -> None:
+    for seed in (-1, 1.5, True):
+        with pytest.raises(DemoError, match="seed: must be an integer >= 0"):
+            run(seed=seed, out=tmp_path / "figs")
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "figs").exists()
+
+
+def _bad_out(tmp_path, where: str):
+    if where == "a file":
+        (tmp_path / "passwd").write_text("root:x:0:0\n")
+        return tmp_path / "passwd", "exists and is not a folder"
+    if where == "below a file":
+        (tmp_path / "passwd").write_text("root:x:0:0\n")
+        return tmp_path / "passwd" / "figs", "cannot make the folder"
+    if where == "read-only folder":
+        if os.name != "posix" or os.geteuid() == 0:
+            pytest.skip("needs a user whom file permissions bind (not root)")
+        folder = tmp_path / "locked"
+        folder.mkdir(mode=0o500)
+        return folder, "cannot write in the folder"
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc, where no file can be made")
+    return "/proc", "cannot write in the folder /proc"
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file", "read-only folder", "/proc"])
+def test_a_bad_out_folder_fails_in_one_line_before_training(tmp_path, capsys, where) -> None:
+    pytest.importorskip("matplotlib")  # without it no figure is written and --out is unused
+    out, words = _bad_out(tmp_path, where)
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not a line of training was printed
+    (line,) = captured.err.splitlines()
+    assert line.startswith("python -m backprop demo: error: argument --out: "), line
+    assert words in line and line.endswith("(see python -m backprop demo --help)")
+    with pytest.raises(DemoError, match=re.escape(words)):
+        run(out=out)
+
+
+def test_the_out_folder_is_made_before_training(tmp_path, capsys, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "a" / "b"
+    seen = []
+
+    def fit(*args, **kwargs):
+        seen.append(out.is_dir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backprop.demo, "fit", fit)
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 130
+    assert seen == [True]
+
+
+# ------------------------------------------------------------------ a failed gradcheck
+
+FAILURE = (
+    "gradcheck Sequential: parameter '0.W': explicit Jacobian vs finite differences "
+    "disagree; worst entries:\n"
+    "     entry    analytic     numeric\n"
+    "      1234   1.0e-11     0.5e-11"
+)
+
+
+def test_a_failed_gradcheck_is_printed_whole_and_exits_1(tmp_path, capsys, monkeypatch) -> None:
+    def gradcheck(*args, **kwargs):
+        raise GradcheckError(FAILURE)
+
+    monkeypatch.setattr(backprop.demo, "gradcheck", gradcheck)
+    argv = ["demo", "--epochs", "1", "--hidden", "8", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"gradcheck FAILED: {FAILURE}\n" in captured.out  # the table of worst entries too
+    assert ACCURACY_LINE.fullmatch(captured.out.splitlines()[-1])
+    assert captured.err == "python -m backprop demo: error: the gradcheck failed (see above)\n"
+
+
+def test_an_assertion_that_is_not_a_gradcheck_is_not_taken_for_one(tmp_path, monkeypatch) -> None:
+    def gradcheck(*args, **kwargs):
+        raise AssertionError("a bug, not a disagreement")
+
+    monkeypatch.setattr(backprop.demo, "gradcheck", gradcheck)
+    argv = ["demo", "--epochs", "1", "--hidden", "8", "--no-progress", "--out", str(tmp_path)]
+    with pytest.raises(AssertionError, match="a bug"):
+        main(argv)
+
+
+# ------------------------------------------------------------------ the test set, named so
+
+
+def test_plot_history_names_the_validation_curves_as_asked() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    history = History(
+        epoch=[1, 2],
+        train_loss=[1.0, 0.5],
+        train_accuracy=[0.6, 0.8],
+        val_loss=[0.9, 0.6],
+        val_accuracy=[0.7, 0.9],
+        seconds=[0.1, 0.2],
+    )
+    fig = backprop.plot.plot_history(history, val_label="test")
+    try:
+        legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+        lines = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    finally:
+        plt.close(fig)
+    assert legends == [["train loss", "test loss"], ["train accuracy", "test accuracy"]]
+    assert lines == legends
