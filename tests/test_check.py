@@ -108,17 +108,19 @@ X = np.random.default_rng(0).standard_normal((3, 4))
 
 
 @pytest.mark.parametrize(
-    "cls, what",
+    "cls, what, labels",
     [
-        (InputGradOff, "input 0: fast backward"),
-        (WeightGradOff, "parameter 'W': fast backward"),
-        (BiasGradOff, "parameter 'b': fast backward"),
-        (JacobianOff, "input 0: explicit Jacobian vs finite differences"),
-        (JvpOff, "input 0: dot-product test"),
+        (InputGradOff, "input 0: fast backward", ("fast", "explicit")),
+        (WeightGradOff, "parameter 'W': fast backward", ("fast", "explicit")),
+        (BiasGradOff, "parameter 'b': fast backward", ("fast", "explicit")),
+        (JacobianOff, "input 0: explicit Jacobian vs finite differences", ("explicit", "numeric")),
+        (JvpOff, "input 0: dot-product test", ("<v L, u>", "<v, L u>")),
     ],
     ids=["input-grad", "weight-grad", "bias-grad", "jacobian", "jvp"],
 )
-def test_gradcheck_catches_a_wrong_linear(cls: type[bp.Linear], what: str) -> None:
+def test_gradcheck_catches_a_wrong_linear(
+    cls: type[bp.Linear], what: str, labels: tuple[str, str]
+) -> None:
     layer = cls(4, 2, rng=1)
     bp.gradcheck(bp.Linear(4, 2, rng=1), X)  # the same numbers pass in the correct layer
     with pytest.raises(bp.GradcheckError) as info:
@@ -126,7 +128,9 @@ def test_gradcheck_catches_a_wrong_linear(cls: type[bp.Linear], what: str) -> No
     msg = str(info.value)
     assert what in msg
     assert "Linear(4→2)" in msg
-    assert "analytic" in msg and "numeric" in msg
+    assert "analytic" in msg, "the message says which computations are analytic"
+    header = next(line for line in msg.splitlines() if line.strip().startswith("entry"))
+    assert re.split(r"\s{2,}", header.strip())[1:3] == list(labels), "columns named as compared"
     assert re.search(r"-?\d+\.\d{4,}", msg), "the message shows the values side by side"
 
 
@@ -155,12 +159,14 @@ def test_gradcheck_error_is_an_assertion_error() -> None:
 def test_gradcheck_shows_worst_entries() -> None:
     with pytest.raises(bp.GradcheckError) as info:
         bp.gradcheck(WeightGradOff(4, 2, rng=1), X)
-    rows = [line for line in str(info.value).splitlines() if re.match(r"\s+\d+\s", line)]
-    assert rows, "no rows of (entry, analytic, numeric)"
-    for row in rows:
-        _, analytic, numeric, *_ = row.split()
-        a, n = float(analytic), float(numeric)
-        # The planted error: analytic = 1.001 × numeric, up to rounding of the printout.
+    lines = str(info.value).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("entry"))
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[start + 1 :]]
+    assert rows, "no rows of (entry, fast, explicit)"
+    for entry, fast, explicit, *_ in rows:
+        assert re.fullmatch(r"W\[\d, \d\]", entry), "entries as indices of W"
+        a, n = float(fast), float(explicit)
+        # The planted error: fast = 1.001 × explicit, up to rounding of the printout.
         assert a == pytest.approx(1.001 * n, rel=1e-6, abs=1e-9)
 
 

@@ -158,11 +158,7 @@ def assert_same_results(
 # -- the three-way check -----------------------------------------------------------------
 
 
-# gradcheck takes one output array; Branch's tuple of outputs is checked by hand below.
-GRADCHECK_CASES = [c for c in CASES if not isinstance(c.make(np.float64), bp.Branch)]
-
-
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.name for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_gradcheck(case: Case, batch: int) -> None:
     layer, xs, _ = setup(case, batch)
     report = bp.gradcheck(layer, *xs)
