@@ -195,6 +195,9 @@ def test_plot_history_draws_the_recorded_numbers() -> None:
         [0.4, 0.7, 0.8],
     ]
     assert loss_ax.get_xlabel() == "epoch" and "loss" in loss_ax.get_ylabel()
+    fig.canvas.draw()
+    for axes in (loss_ax, acc_ax):  # an epoch is a whole number
+        assert all(float(t).is_integer() for t in axes.get_xticks())
     # one Axes given: losses on it, accuracies on a twin axis
     fig2, ax = plt.subplots()
     assert plot.plot_history(history.as_dict(), ax=ax) is fig2
