@@ -281,8 +281,8 @@ def plot_history(history: Any, ax: Any = None, *, val_label: str = "val") -> Any
             loss_ax.plot(epochs, values, style, marker=".", label=_curve(key, val_label))
     from matplotlib.ticker import MaxNLocator
 
-    for axis_ax in (loss_ax, acc_ax) if acc_ax is not None and ax is None else (loss_ax,):
-        axis_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    for axes in (loss_ax, acc_ax) if acc_ax is not None else (loss_ax,):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss J")
     loss_ax.set_title("loss")

@@ -7,31 +7,32 @@ from typing import Any
 import numpy as np
 
 from backprop.jacobian import Dense, Identity, Jacobian, Kronecker
-from backprop.layer import Layer, OperatingPoint, Parameter
+from backprop.layer import FLOAT_DTYPES, Layer, OperatingPoint, Parameter
 
 
 def _given_dtype(*values: Any) -> np.dtype[Any]:
     """The dtype of the first given float value (a Parameter or an array), else float64."""
     for v in values:
         dtype = v.dtype if isinstance(v, Parameter | np.ndarray) else None
-        if dtype in (np.float32, np.float64):
+        if dtype in FLOAT_DTYPES:
             return np.dtype(dtype)
     return np.dtype(np.float64)
 
 
 def _as_parameter(where: str, value: Any, shape: tuple[int, ...], dtype: Any) -> Parameter:
-    if isinstance(value, np.ndarray) and value.dtype in (np.float32, np.float64):
-        if value.dtype != np.dtype(dtype):
-            raise TypeError(
-                f"{where}: expected dtype {np.dtype(dtype).name}, got {value.dtype.name}; "
-                f"pass dtype=np.{value.dtype.name} or convert the array"
-            )
-    p = value if isinstance(value, Parameter) else Parameter(np.asarray(value, dtype=dtype))
-    if p.shape != shape:
-        raise ValueError(f"{where}: expected shape {shape}, got {p.shape}")
-    if p.dtype != np.dtype(dtype):
-        raise TypeError(f"{where}: expected dtype {np.dtype(dtype).name}, got {p.dtype.name}")
-    return p
+    if not isinstance(value, Parameter):
+        # A float array keeps its dtype, so that the check below refuses a mismatch
+        # instead of converting; anything else (lists, integers) takes ``dtype``.
+        given = isinstance(value, np.ndarray) and value.dtype in FLOAT_DTYPES
+        value = Parameter(value if given else np.asarray(value, dtype=dtype))
+    if value.shape != shape:
+        raise ValueError(f"{where}: expected shape {shape}, got {value.shape}")
+    if value.dtype != np.dtype(dtype):
+        raise TypeError(
+            f"{where}: expected dtype {np.dtype(dtype).name}, got {value.dtype.name}; "
+            f"pass dtype=np.{value.dtype.name} or convert the values"
+        )
+    return value
 
 
 class Linear(Layer):
