@@ -698,7 +698,7 @@ class Graph:
         for leaf in [layer, *_leaf_layers(layer)]:
             self._layer_ids[id(leaf)] = label
         if isinstance(layer, Merge):
-            layer._fit(n_in)
+            layer.take_inputs(n_in)
         handles = self._new_node(_Node(label, "layer", layer, srcs, n_out, multi))
         return tuple(handles) if multi else handles[0]
 

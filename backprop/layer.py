@@ -31,7 +31,7 @@ default multiplies through the Jacobians) and ``_jacobians``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -194,6 +194,17 @@ class Layer:
     label_inputs: frozenset[str] = frozenset()
     #: True for a layer whose output has no batch axis: a sum over the examples.
     reduces_batch: bool = False
+    #: How many outputs ``forward`` returns (a tuple of them when more than one). The
+    #: Jacobian ``L^x`` of a layer with several outputs is that of the outputs
+    #: stacked per example (eq. 14.45), and ``backward`` takes one ``g_out`` per output.
+    n_outputs: int = 1
+    #: True for a layer that takes as many inputs as it is given (``Merge()``): a
+    #: Graph calls ``take_inputs(n)`` with the number of handles passed to ``add``.
+    variadic: bool = False
+    #: The layer a Graph inserts where one value has several consumers:
+    #: ``fan_out(n)`` makes ``n`` copies whose gradients add (eq. 14.46). Set by
+    #: ``backprop.layers`` to its ``Branch``, so that a Graph needs no concrete layer.
+    fan_out: ClassVar[Callable[[int], Layer]]
     #: True when the class keeps ``Layer._dtype`` (set for every subclass), so the
     #: common path of ``forward`` may inline it.
     _default_dtype = True
@@ -263,6 +274,16 @@ class Layer:
         return {
             name: L.vjp(rows).reshape(B, *self.params[name].shape) for name, L in L_theta.items()
         }
+
+    def take_inputs(self, n: int) -> None:
+        """Take ``n`` inputs from now on: a ``variadic`` layer fixes its count here.
+
+        A Graph calls it when it adds the layer as a node with ``n`` handles. A
+        layer with a fixed number of inputs refuses any other count.
+        """
+        if n != len(self.inputs):
+            need = ", ".join(self.inputs) or "no input"
+            raise TypeError(f"{self!r} takes {len(self.inputs)} input(s) ({need}), got {n}")
 
     # -- what a subclass writes ----------------------------------------------
     # ``_forward(op, *x_in) -> x_out`` and ``_check(*x_in)`` (optional: checks

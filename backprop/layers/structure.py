@@ -45,12 +45,14 @@ class Merge(Layer):
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"Merge: n must be a positive integer, got {n!r}")
         self.n = n
+        self.variadic = n is None
         self.inputs = _merge_inputs(2 if n is None else n)
 
-    def _fit(self, n: int) -> None:
+    def take_inputs(self, n: int) -> None:
         """Take ``n`` inputs from now on, if built as ``Merge()`` (``Merge(n)`` keeps n)."""
-        if self.n is None:
+        if self.variadic:
             self.inputs = _merge_inputs(n)
+        super().take_inputs(n)
 
     def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
         if not x_in:
@@ -58,7 +60,7 @@ class Merge(Layer):
         if self.n is not None or len(x_in) == len(self.inputs):
             return super().forward(*x_in, cache=cache)
         before = self.inputs
-        self._fit(len(x_in))
+        self.take_inputs(len(x_in))
         try:
             return super().forward(*x_in, cache=cache)
         except BaseException:
@@ -115,6 +117,7 @@ class Branch(Layer):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"Branch: n must be a positive integer, got {n!r}")
         self.n = n
+        self.n_outputs = n
 
     def _validate_inputs(self, x_in: Any) -> tuple[np.ndarray, ...]:
         if len(x_in) == 1:
@@ -177,6 +180,9 @@ class Branch(Layer):
 
     def __repr__(self) -> str:
         return f"Branch({self.n})"
+
+
+Layer.fan_out = Branch
 
 
 class Add(Layer):
