@@ -72,7 +72,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from backprop.graph import Graph, _reduces_batch
+from backprop.graph import Graph
 from backprop.jacobian import Jacobian
 from backprop.layer import Layer, Parameter
 
@@ -678,12 +678,16 @@ def gradcheck(
     disagreement. The model is left at its operating point at ``inputs``.
     """
     if isinstance(model, Graph):
-        if len(inputs) > 1 or (inputs and not isinstance(inputs[0], Mapping)):
-            raise TypeError(
-                "gradcheck: a Graph takes its inputs by name, gradcheck(graph, x=X) or "
-                "gradcheck(graph, {'x': X})"
-            )
-        feed = dict(inputs[0]) if inputs else {}
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+            feed = dict(inputs[0])
+        else:  # positional: the inputs in declaration order (a chain's x, then its targets)
+            names = model.input_names()
+            if len(inputs) > len(names):
+                raise TypeError(
+                    f"gradcheck: the model takes {len(names)} input(s) "
+                    f"({', '.join(names)}), got {len(inputs)}"
+                )
+            feed = dict(zip(names, inputs, strict=False))
         feed.update(named_inputs)
         return gradcheck_graph(model, feed, seeds=g_out, eps=eps, rtol=rtol, atol=atol, seed=seed)
     if named_inputs:
@@ -1004,7 +1008,7 @@ def gradcheck_graph(
         if seeds is None:
             seed_list: list[Any] = [rng.standard_normal(np.shape(o)) for o in outs]
         else:
-            seed_list = graph._seeds(seeds)
+            seed_list = graph.seeds(seeds)
         seed_map = {n: s for n, s in zip(outs_names, seed_list, strict=True) if s is not None}
 
         def phi(**changed: np.ndarray) -> float:
@@ -1147,8 +1151,7 @@ def _jacobian_dot_test(
     example's output; an output without a batch axis (a cost) is the sum of
     the examples' rows, so its seed multiplies every row.
     """
-    B = graph._batch_size()
-    outputs = cast(list, graph._outputs)
+    B = graph.batch_size
     directions: dict[Any, tuple[str, np.ndarray, np.ndarray, bool]] = {}
     for key, g in fast.inputs.items():
         directions[key] = (f"input {key!r}", g, rng.standard_normal(np.shape(g)), False)
@@ -1156,13 +1159,14 @@ def _jacobian_dot_test(
         directions[p] = (f"parameter {pname!r}", fast.params[p], rng.standard_normal(p.shape), True)
     lhs = dict.fromkeys(directions, 0.0)
     size = dict.fromkeys(directions, 0.0)  # Σ|terms| of lhs, for its rounding
-    for name, src in zip(graph.output_names(), outputs, strict=True):
+    for name, value in zip(graph.output_names(), graph.output_values(), strict=True):
         if name not in seed_map:
             continue
         s = np.asarray(seed_map[name], dtype=np.float64)
-        ins, params = graph.jacobians(name)
-        node_layer = graph._nodes[src[0]].layer
-        if s.ndim == 0 or _reduces_batch(node_layer, src[1]):
+        jac = graph.jacobians(name)
+        ins, params = jac.inputs, jac.params
+        info = graph.node(value)
+        if s.ndim == 0 or not info.batched[info.outputs.index(value)]:
             v = np.broadcast_to(s.reshape(1, -1), (B, s.size))
         else:
             v = s.reshape(B, -1)

@@ -26,12 +26,12 @@ input from growing without bound (the simplest "natural image prior").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from backprop.graph import Graph, Sequential
+from backprop.graph import Graph
 from backprop.layer import Parameter, check_float
 from backprop.optim import SGD, Adam, Optimizer
 
@@ -41,7 +41,7 @@ Objective = int | tuple[int, ...] | Callable[[np.ndarray], tuple[Any, Any]] | No
 
 
 def input_gradient(
-    model: Sequential | Graph,
+    model: Graph,
     x: Any,
     objective: Objective = None,
     *,
@@ -52,11 +52,11 @@ def input_gradient(
 ) -> tuple[float, np.ndarray]:
     """``(J, dJ/dx)`` at input ``x`` by one forward and one backward pass.
 
-    ``model`` is a ``Sequential`` (``x`` is its ``x_0``; ``fixed`` is a tuple of
-    the last layer's targets, if it is a loss) or a ``Graph`` (``x`` feeds the
-    input named ``input``, which may be omitted when there is one float input;
-    ``fixed`` is a dict of the other inputs by name; ``output`` names the output
-    when there are several). ``objective`` and ``l2`` define ``J`` (see the
+    ``model`` is any model (a ``Sequential`` or a ``Graph``). ``x`` feeds the
+    input named ``input`` (default: the first declared input, a chain's
+    ``x_0``); ``fixed`` gives the other inputs, as a dict by name or a tuple in
+    declaration order (a loss's targets); ``output`` names the output when there
+    are several. ``objective`` and ``l2`` define ``J`` (see the
     module docstring). ``dJ/dx`` has ``x``'s shape and dtype. The parameters
     are not changed; the model is left at its operating point at ``x``.
     """
@@ -82,44 +82,34 @@ def _evaluate(
     if x.ndim == 0:
         raise ValueError("input_gradient: x is a scalar; give a batch of shape (B, ...)")
     l2 = _non_negative(where, "l2", l2)
-    if isinstance(model, Sequential):
-        targets = () if fixed is None else tuple(fixed)
-        x_out = model.forward(x, *targets)
-        J, g_out = _cost(objective, x_out, "the Sequential's output")
-        g_in, _ = model.backward(g_out)
-        g = np.asarray(g_in)
-    elif isinstance(model, Graph):
-        name = _graph_input(model, input)
-        feed = dict(fixed or {})
-        if name in feed:
-            raise ValueError(f"input_gradient: input {name!r} is both x and in fixed")
-        feed[name] = x
-        outs = model.forward(feed)
-        names = model.output_names()
-        if output is None and len(names) > 1:
-            raise ValueError(
-                f"input_gradient: the graph has outputs {', '.join(map(repr, names))}; "
-                f"choose one with output=..."
-            )
-        out_name = names[0] if output is None else output
-        if out_name not in names:
-            raise ValueError(
-                f"input_gradient: no output {out_name!r}; the outputs are "
-                f"{', '.join(map(repr, names))}"
-            )
-        x_out = outs[names.index(out_name)] if len(names) > 1 else outs
-        J, g_out = _cost(objective, x_out, f"output {out_name!r}")
-        grads = model.backward({out_name: g_out})
-        if name not in grads.inputs:
-            raise ValueError(
-                f"input_gradient: input {name!r} gets no gradient (declared with "
-                f"requires_grad=False, or not floating point)"
-            )
-        g = grads.inputs[name]
-    else:
+    if not isinstance(model, Graph):
         raise TypeError(
             f"input_gradient: model must be a Sequential or a Graph, got {type(model).__name__}"
         )
+    name = _graph_input(model, input, fixed)
+    feed = _fixed_inputs(model, name, fixed)
+    feed[name] = x
+    outs = model.forward(feed)
+    names = model.output_names()
+    if output is None and len(names) > 1:
+        raise ValueError(
+            f"input_gradient: the model has outputs {', '.join(map(repr, names))}; "
+            f"choose one with output=..."
+        )
+    out_name = names[0] if output is None else output
+    if out_name not in names:
+        raise ValueError(
+            f"input_gradient: no output {out_name!r}; the outputs are {', '.join(map(repr, names))}"
+        )
+    x_out = outs[names.index(out_name)] if len(names) > 1 else outs
+    J, g_out = _cost(objective, x_out, f"output {out_name!r}")
+    grads = model.backward({out_name: g_out})
+    if name not in grads.inputs:
+        raise ValueError(
+            f"input_gradient: input {name!r} gets no gradient (declared with "
+            f"requires_grad=False, or not floating point)"
+        )
+    g = grads.inputs[name]
     if l2:
         B = x.shape[0]
         J += 0.5 * l2 * float(np.vdot(x, x)) / B
@@ -128,7 +118,7 @@ def _evaluate(
 
 
 def optimize_input(
-    model: Sequential | Graph,
+    model: Graph,
     x0: Any,
     objective: Objective = None,
     *,
@@ -205,13 +195,21 @@ def _non_negative(where: str, what: str, value: Any) -> float:
     return v
 
 
-def _graph_input(model: Graph, name: str | None) -> str:
+def _graph_input(model: Graph, name: str | None, fixed: Any) -> str:
+    """The input ``x`` feeds: ``name``, or the first declared input when ``fixed``
+    gives the others (a dict naming them all, or a tuple)."""
     names = model.input_names()
     if name is None:
-        if len(names) != 1:
+        named = set(fixed) if isinstance(fixed, Mapping) else None
+        if len(names) > 1 and named is not None and not set(names[1:]) <= named:
             raise ValueError(
-                f"input_gradient: the graph has inputs {', '.join(map(repr, names))}; say which "
+                f"input_gradient: the model has inputs {', '.join(map(repr, names))}; say which "
                 f"one to optimize with input=... and give the others in fixed={{...}}"
+            )
+        if len(names) > 1 and fixed is None:
+            raise ValueError(
+                f"input_gradient: the model has inputs {', '.join(map(repr, names))}; say which "
+                f"one to optimize with input=... and give the others in fixed=..."
             )
         return names[0]
     if name not in names:
@@ -219,6 +217,26 @@ def _graph_input(model: Graph, name: str | None) -> str:
             f"input_gradient: no input {name!r}; the inputs are {', '.join(map(repr, names))}"
         )
     return name
+
+
+def _fixed_inputs(model: Graph, name: str, fixed: Any) -> dict[str, Any]:
+    """The other inputs by name: ``fixed`` as a dict, or a tuple in declaration order."""
+    others = [n for n in model.input_names() if n != name]
+    if fixed is None:
+        feed: dict[str, Any] = {}
+    elif isinstance(fixed, Mapping):
+        feed = dict(fixed)
+    else:
+        values = tuple(fixed)
+        if len(values) != len(others):
+            raise ValueError(
+                f"input_gradient: fixed has {len(values)} value(s), but the other inputs are "
+                f"{', '.join(map(repr, others)) or 'none'}"
+            )
+        feed = dict(zip(others, values, strict=True))
+    if name in feed:
+        raise ValueError(f"input_gradient: input {name!r} is both x and in fixed")
+    return feed
 
 
 def _unit_index(objective: Any, x_out: np.ndarray, where: str) -> tuple[int, ...]:

@@ -63,6 +63,14 @@ class Parameter:
         array.flags.writeable = False
         self._value = array
         self.name = name
+        self._placed = False  # True while ``name`` is the place a model gave it
+
+    def _set_place(self, name: str) -> None:
+        """Name the Parameter by its place in a model (``"0.W"``), unless its user
+        named it. The outermost model, whose ``output()`` runs last, names it last."""
+        if self.name is None or self._placed:
+            self.name = name
+            self._placed = True
 
     @property
     def value(self) -> np.ndarray:
@@ -198,6 +206,8 @@ class Layer:
     #: Jacobian ``L^x`` of a layer with several outputs is that of the outputs
     #: stacked per example (eq. 14.45), and ``backward`` takes one ``g_out`` per output.
     n_outputs: int = 1
+    #: True when ``forward`` returns a tuple of outputs (always, for several).
+    returns_tuple: bool = False
     #: True for a layer that takes as many inputs as it is given (``Merge()``): a
     #: Graph calls ``take_inputs(n)`` with the number of handles passed to ``add``.
     variadic: bool = False
@@ -216,6 +226,20 @@ class Layer:
     def __init__(self) -> None:
         self.params: dict[str, Parameter] = {}
         self._op: OperatingPoint | None = None
+        self.training = True
+
+    def train(self, mode: bool = True) -> Layer:
+        """Training mode (``mode=False``: evaluation), as ``torch.nn.Module.train``.
+
+        Only layers whose forward differs between the two (Dropout, BatchNorm)
+        read ``self.training``. Returns the layer.
+        """
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> Layer:
+        """Evaluation mode: ``train(False)``."""
+        return self.train(False)
 
     # -- the public protocol --------------------------------------------------
     def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:

@@ -413,7 +413,7 @@ def _view(model: Any) -> list[_DrawNode]:
     """The nodes to draw, in topological order: data, layers, parameters, outputs."""
     if isinstance(model, Layer):
         raise TypeError("draw_graph: give a Sequential or a Graph (wrap a layer in a Sequential)")
-    if not hasattr(model, "named_parameters"):
+    if not hasattr(model, "nodes"):
         raise TypeError(f"draw_graph: expected a Sequential or a Graph, got {type(model).__name__}")
     names = {id(p): n for n, p in model.named_parameters().items()}
     nodes: list[_DrawNode] = []
@@ -431,64 +431,27 @@ def _view(model: Any) -> list[_DrawNode]:
             keys.append(node.key)
         return keys
 
-    if hasattr(model, "nodes") and hasattr(model, "output_names"):  # a Graph
-        for info in model.nodes():
-            if info.kind == "input":
-                nodes.append(_DrawNode(info.name, info.name, "data"))
-                continue
-            srcs = [s.rsplit(":", 1)[0] if ":" in s else s for s in info.inputs]
-            labels = [s.rsplit(":", 1)[1] if ":" in s else "" for s in info.inputs]
-            kind = _layer_kind(info.layer)
-            text = f"{_short(info.layer)}\n{info.name}"
-            if info.auto:
-                text = f"Branch (auto)\n{info.name}"
-            pkeys = add_params(info.name, info.layer)
-            nodes.append(
-                _DrawNode(
-                    info.name,
-                    text,
-                    kind,
-                    srcs + pkeys,
-                    labels + [""] * len(pkeys),
-                    auto=bool(info.auto),
-                )
-            )
-        for i, out in enumerate(model.output_names()):
-            src, _, port = out.partition(":")
-            nodes.append(
-                _DrawNode(
-                    f"output:{out}", f"output {i}" if i else "output", "output", [src], [port]
-                )
-            )
-        return nodes
-
-    layers = list(getattr(model, "layers", []))
-    if not layers:
-        raise TypeError(f"draw_graph: expected a Sequential or a Graph, got {type(model).__name__}")
-    nodes.append(_DrawNode("x", "x_0", "data"))
-    prev = "x"
-    for i, layer in enumerate(layers):
-        key = str(i)
-        extra = [f"in:{n}" for n in getattr(layer, "inputs", ())[1:]]
-        for name in extra:
-            nodes.append(_DrawNode(name, name[3:], "data"))
-        pkeys = add_params(key, layer)
-        op = getattr(layer, "_op", None)
-        shape = _shape_text(np.shape(op.x_out)) if op is not None and i + 1 < len(layers) else ""
+    for info in model.nodes():
+        if info.kind == "input":
+            nodes.append(_DrawNode(info.name, info.name, "data"))
+            continue
+        srcs = [s.rsplit(":", 1)[0] if ":" in s else s for s in info.inputs]
+        labels = [s.rsplit(":", 1)[1] if ":" in s else "" for s in info.inputs]
+        kind = _layer_kind(info.layer)
+        text = f"{_short(info.layer)}\n{info.name}"
+        if info.auto:
+            text = f"Branch (auto)\n{info.name}"
+        pkeys = add_params(info.name, info.layer)
         nodes.append(
             _DrawNode(
-                key,
-                f"{_short(layer)}\n({i})",  # 0-based, as print(model) and "0.W" count
-                _layer_kind(layer),
-                [prev, *extra, *pkeys],
-                [""] * (1 + len(extra) + len(pkeys)),
+                info.name, text, kind, srcs + pkeys, labels + [""] * len(pkeys), auto=info.auto
             )
         )
-        if shape:
-            nodes[-1].label += f" → {shape}"
-        prev = key
-    final = "J" if isinstance(layers[-1], Loss) else f"x_{len(layers)}"
-    nodes.append(_DrawNode(f"output:{final}", final, "output", [prev], [""]))
+    pairs = zip(model.output_names(), model.output_values(), strict=True)
+    for i, (out, value) in enumerate(pairs):
+        src, _, port = value.partition(":")
+        label = out if out != value else f"output {i}" if i else "output"
+        nodes.append(_DrawNode(f"output:{out}", label, "output", [src], [port]))
     return nodes
 
 

@@ -19,7 +19,6 @@ caching the operating point when the model's ``forward`` accepts ``cache=False``
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from backprop.graph import Graph
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import SoftmaxCrossEntropy
 from backprop.optim import Adam, Optimizer
@@ -67,88 +67,63 @@ class History:
 # ------------------------------------------------------------------ the model adapter
 
 
-def _accepts_cache(forward: Any) -> bool:
-    try:
-        return "cache" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _Net:
-    """One interface over the models ``fit`` accepts: predict, and loss with gradients."""
+    """What ``fit`` needs of a model: predict, and the loss with its gradients.
+
+    The model (any ``Graph``; a ``Sequential`` is one) either ends in a loss,
+    fed by its first input's prediction and its labels input, or has one data
+    input and one output, its prediction, and the loss is separate.
+    """
 
     def __init__(self, model: Any, loss: Layer | None, where: str = "fit") -> None:
-        self.model = model
-        layers: Any = getattr(model, "layers", None)
-        own_loss = isinstance(layers, list) and bool(layers) and isinstance(layers[-1], Loss)
-        if hasattr(model, "input_names"):  # a Graph
-            ins, outs = tuple(model.input_names()), tuple(model.output_names())
-            if len(ins) != 1 or len(outs) != 1:
-                raise ValueError(
-                    f"{where}: a Graph used here needs one data input and one output "
-                    f"(its prediction); this one has inputs {ins} and outputs {outs}. Leave "
-                    f"the loss out of the Graph and pass it as loss="
-                )
-            self.input_name: str | None = ins[0]
-        elif isinstance(layers, list) and hasattr(model, "backward"):  # a Sequential
-            self.input_name = None
-        else:
+        if not isinstance(model, Graph):
             raise TypeError(
                 f"{where}: expected a Sequential or a Graph, got {type(model).__name__}"
             )
-        if own_loss:
+        self.model = model
+        ins, outs = tuple(model.input_names()), tuple(model.output_names())
+        last = model.node(outs[0]) if len(outs) == 1 else None
+        self.own_loss = last is not None and isinstance(last.layer, Loss)
+        if last is not None and self.own_loss and len(ins) == 2:
             if loss is not None:
                 raise ValueError(
-                    f"fit: the model already ends with the loss {layers[-1]!r}; "
+                    f"fit: the model already ends with the loss {last.layer!r}; "
                     f"do not pass loss= as well"
                 )
-            self.predictor: list[Layer] | None = layers[:-1]
-            self.loss: Layer = layers[-1]
+            self.loss: Layer = last.layer
+            self.prediction = last.inputs[0]  # the value the loss reads first
+        elif len(ins) != 1 or len(outs) != 1 or self.own_loss:
+            raise ValueError(
+                f"{where}: a model used here needs one data input and one output (its "
+                f"prediction), or ends in a loss fed by its data and label inputs; this one "
+                f"has inputs {ins} and outputs {outs}. Leave the loss out of a Graph and pass "
+                f"it as loss="
+            )
         else:
-            self.predictor = None
             self.loss = SoftmaxCrossEntropy() if loss is None else loss
             if not isinstance(self.loss, Loss):
                 raise TypeError(f"fit: loss must be a Loss layer, got {self.loss!r}")
-        self.own_loss = own_loss
-        self.cache_kw = self.predictor is None and _accepts_cache(model.forward)
+        self.input_name, self.label_name = ins[0], ins[-1]
 
     def parameters(self) -> list[Parameter]:
         return list(self.model.parameters())
 
-    def _forward(self, x: np.ndarray, cache: bool) -> np.ndarray:
-        if self.predictor is not None:
-            for layer in self.predictor:
-                x = layer.forward(x) if cache else layer.forward(x, cache=False)
-            return x
-        kw: dict[str, Any] = {} if cache or not self.cache_kw else {"cache": False}
-        if self.input_name is None:
-            return np.asarray(self.model.forward(x, **kw))
-        out = self.model.forward({self.input_name: x}, **kw)
-        if isinstance(out, dict):
-            (out,) = out.values()
-        elif isinstance(out, tuple | list):
-            (out,) = out
-        return np.asarray(out)
-
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._forward(x, cache=False)
+        if self.own_loss:
+            return np.asarray(self.model.evaluate(self.prediction, {self.input_name: x}))
+        return np.asarray(self.model.forward({self.input_name: x}, cache=False))
 
     def step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, dict[Parameter, Any]]:
         """``(J, prediction, {Parameter: dJ/dθ})`` for one minibatch."""
         if self.own_loss:
-            J = self.model.forward(x, y)
+            J = self.model.forward({self.input_name: x, self.label_name: y})
             y_hat = self.loss._operating_point("fit").x_in[0]
-            _, grads = self.model.backward(input_grad=False)
-            return float(J), y_hat, grads
-        y_hat = self._forward(x, cache=True)
+            return float(J), y_hat, self.model.backward(input_grad=False).params
+        y_hat = self.model.forward({self.input_name: x})
         J = self.loss.forward(y_hat, y)
         g_in, _ = self.loss.backward()
         g = g_in[0] if isinstance(g_in, tuple) else g_in
-        if self.input_name is None:
-            _, grads = self.model.backward(g, input_grad=False)
-        else:
-            grads = self.model.backward(seed=g).params
-        return float(J), y_hat, grads
+        return float(J), y_hat, self.model.backward(g, input_grad=False).params
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
         """``(mean loss, accuracy)`` over a whole set, forward only."""

@@ -69,7 +69,7 @@ def test_jacobians_before_forward() -> None:
 def test_sequential_backward_before_forward() -> None:
     net = bp.Sequential([bp.Linear(3, 2), bp.ReLU()])
     with pytest.raises(
-        RuntimeError, match=r"Sequential.backward: layer 0 \(Linear\(3→2\)\) has no operating point"
+        RuntimeError, match=r"Sequential.backward: no forward pass yet; call forward"
     ):
         net.backward(G)
 

@@ -570,7 +570,12 @@ def test_nodes_listing_and_summary() -> None:
     assert all(n.shape is None for n in g.nodes())
     g.forward(x=rand(rng, 5, 4), y=rand(rng, 5, 2))
     info = {n.name: n for n in g.nodes()}
-    assert info["x"] == bp.NodeInfo("x", "input", None, (), (5, 4), (), False, 1, ((5, 4),))
+    assert info["x"] == bp.NodeInfo(
+        "x", "input", None, (), (5, 4), (), False, 1, ((5, 4),), ("x",), (np.dtype(np.float64),),
+        (True,), True,
+    )  # fmt: skip
+    assert info["l2loss_6"].batched == (False,) and info["relu_2"].batched == (True,)
+    assert info["branch_1"].outputs == ("branch_1:0", "branch_1:1")
     assert info["linear_0"].layer is lin1 and info["linear_0"].params == ("W", "b")
     assert info["branch_1"].shapes == ((5, 3), (5, 3)) and not info["branch_1"].auto
     assert info["merge_4"].inputs == ("relu_2", "tanh_3") and info["merge_4"].shape == (5, 6)

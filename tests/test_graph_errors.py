@@ -47,7 +47,7 @@ def test_wrong_number_of_inputs_and_non_handles() -> None:
         TypeError, match=r"'add_0' \(Add\(\)\) takes 2 input\(s\) \(x_a, x_b\), got 1"
     ):
         g.add(bp.Add(), x)
-    with pytest.raises(TypeError, match=r"Merge\(2\).*got 3; Merge\(\) takes any number"):
+    with pytest.raises(TypeError, match=r"Merge\(2\).*takes 2 input\(s\).*got 3"):
         g.add(bp.Merge(2), x, x, x)
     with pytest.raises(TypeError, match=r"Merge\(2\).*takes 1 input.*got 0"):
         g.add(bp.Merge())
@@ -221,8 +221,8 @@ def test_layer_run_outside_the_graph_is_detected() -> None:
 
 def test_gradcheck_argument_errors() -> None:
     g, _ = small_graph()
-    with pytest.raises(TypeError, match="by name"):
-        bp.gradcheck(g, X, Y)
+    with pytest.raises(TypeError, match=r"takes 2 input\(s\) \(x, y\), got 3"):
+        bp.gradcheck(g, X, Y, Y)
     with pytest.raises(TypeError, match="float64"):
         bp.gradcheck(g, x=X.astype(np.float32), y=Y)
     with pytest.raises(TypeError, match="by name are for a Graph"):

@@ -230,12 +230,25 @@ def test_bad_arguments_fail_before_training(spirals) -> None:
         np.testing.assert_array_equal(p.value, v)
 
 
-def test_graph_with_two_inputs_is_refused() -> None:
+def test_graph_with_two_data_inputs_is_refused() -> None:
     g = bp.Graph()
     x, y = g.input("x"), g.input("y")
-    g.output(g.add(bp.L2Loss(), g.add(bp.Linear(2, 2), x), y))
+    g.output(g.add(bp.Add(), g.add(bp.Linear(2, 2), x), y))
     with pytest.raises(ValueError, match=r"one data input and one output.*pass it as loss="):
         bp.fit(g, np.zeros((4, 2)), np.zeros((4, 2)), progress=False)
+
+
+def test_a_graph_ending_in_its_loss_trains_like_a_sequential() -> None:
+    rng = np.random.default_rng(3)
+    g = bp.Graph()
+    x, y = g.input("x"), g.input("y")
+    g.output(g.add(bp.L2Loss(), g.add(bp.Linear(2, 2, rng=rng), x), y))
+    X = rng.standard_normal((32, 2))
+    Y = X @ np.array([[1.0, -2.0], [0.5, 3.0]])
+    opt = bp.SGD(g.parameters(), lr=0.05)
+    history = bp.fit(g, X, Y, epochs=40, batch_size=8, optimizer=opt, progress=False, seed=0)
+    assert history.train_loss[-1] < 0.01 * history.train_loss[0]
+    assert bp.predict(g, X).shape == (32, 2)  # the prediction, without the targets
 
 
 def test_accuracy_checks_labels() -> None:

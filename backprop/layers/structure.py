@@ -118,6 +118,7 @@ class Branch(Layer):
             raise ValueError(f"Branch: n must be a positive integer, got {n!r}")
         self.n = n
         self.n_outputs = n
+        self.returns_tuple = True
 
     def _validate_inputs(self, x_in: Any) -> tuple[np.ndarray, ...]:
         if len(x_in) == 1:

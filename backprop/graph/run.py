@@ -1,0 +1,374 @@
+"""Running a ``Graph``: the forward pass, and the backward pass three ways.
+
+``forward`` evaluates the nodes in topological order (Algorithm 14.1, lines
+4–6, over a DAG); ``backward`` visits them in reverse order (lines 8–13),
+handing each node the gradients of its outputs and collecting those of its
+inputs and parameters. Fan-out never needs special care here: a value read
+twice goes through a fan-out layer, whose own backward adds (eq. 14.46).
+
+One node's backward step comes in three kinds that must agree: the layer's
+fast ``backward``; the literal algorithm, ``g_in = g_out L^x`` and
+``dJ/dθ = g_out L^θ`` with each Jacobian as a ``scipy.sparse`` matrix; and the
+fast step with each parameter gradient kept as ``B`` per-example terms.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from backprop.jacobian import explicit_vjp
+from backprop.layer import FLOAT_DTYPES, Layer, Parameter, check_float
+
+if TYPE_CHECKING:
+    from backprop.graph.graph import Graph
+
+__all__ = ["MODES", "Gradients"]
+
+MODES = ("fast", "explicit")
+
+_forward_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """What ``backward`` returns, for any model.
+
+    - ``inputs[name]``: ``dJ/dx`` for every float input that gets a gradient,
+      in the input's shape (backprop to the data, chapter 14.9);
+    - ``params[p]``: ``dJ/dθ`` for every Parameter of the model, in its shape,
+      the uses of a tied Parameter summed (eq. 14.47), zeros for a Parameter no
+      gradient reaches;
+    - ``per_use[p]``: the terms of that sum, a list of ``(node name, gradient)``
+      (``"outer/inner"`` for a node inside a nested graph).
+
+    ``grads[name]`` and ``grads[p]`` index ``inputs`` and ``params``. For
+    Algorithm 14.1's ``g_0, grads = net.backward()``, it unpacks as the pair
+    ``(gradient of the first input, params)``: the first declared input that
+    gets a gradient (``None`` when none does).
+    """
+
+    inputs: dict[str, np.ndarray]
+    params: dict[Parameter, np.ndarray]
+    per_use: dict[Parameter, list[tuple[str, np.ndarray]]]
+
+    def __getitem__(self, key: str | Parameter | int) -> Any:
+        if isinstance(key, Parameter):
+            return self.params[key]
+        if isinstance(key, int):  # as the pair it unpacks to
+            return tuple(self)[key]
+        return self.inputs[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        first = next(iter(self.inputs.values()), None)
+        return iter((first, self.params))
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{k} {v.shape}" for k, v in self.inputs.items())
+        return f"Gradients(inputs: {ins or '-'}; {len(self.params)} parameters)"
+
+
+# -- forward ---------------------------------------------------------------------------
+
+
+def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]:
+    """Evaluate every node in topological order; return the outputs' values.
+
+    A failed node leaves every node at its previous operating point.
+    """
+    snapshot = graph._snapshot()
+    nodes = graph._nodes
+    values: dict[tuple[int, int], Any] = {}
+    shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+    dtypes: dict[tuple[int, int], np.dtype[Any]] = {}
+    needs = [False] * len(nodes)
+    try:
+        for i in graph._order:
+            node = nodes[i]
+            if node.kind == "input":
+                x = np.asarray(given[node.name])
+                values[(i, 0)] = x
+                shapes[(i, 0)], dtypes[(i, 0)] = x.shape, x.dtype
+                needs[i] = node.requires_grad and x.dtype in FLOAT_DTYPES
+                continue
+            args = [values.pop(src) for src in node.inputs]
+            out = _run(graph, i, args, cache)
+            outs = out if node.multi else (out,)
+            for k, o in enumerate(outs):
+                values[(i, k)] = o
+                shapes[(i, k)], dtypes[(i, k)] = o.shape, o.dtype
+            needs[i] = graph._has_params[i] or any(needs[j] for j, _ in node.inputs)
+    except BaseException:
+        graph._restore(snapshot)
+        raise
+    graph._shapes, graph._dtypes, graph._needs = shapes, dtypes, needs
+    graph._state = "cached" if cache else "uncached"
+    graph._forward_id = next(_forward_ids)
+    graph._tokens = graph._current_tokens() if cache else []
+    return tuple(values[src] for src in graph._outputs)
+
+
+def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
+    """The value named ``value``, from only the nodes it depends on, caching nothing.
+
+    What a model that ends in a loss predicts: ``evaluate(loss's input, x=X)``
+    needs no labels. No node's operating point changes.
+    """
+    base, _, port = value.partition(":")
+    if base not in graph._names:
+        raise ValueError(f"{graph._kind()}.evaluate: no value named {value!r}")
+    target = (graph._names[base], int(port or 0))
+    needed, stack = set(), [target[0]]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(j for j, _ in graph._nodes[i].inputs)
+    values: dict[tuple[int, int], Any] = {}
+    for i in graph._order:
+        if i not in needed:
+            continue
+        node = graph._nodes[i]
+        if node.kind == "input":
+            if node.name not in given:
+                raise TypeError(f"{graph._kind()}.evaluate: {value!r} needs input {node.name!r}")
+            values[(i, 0)] = np.asarray(given[node.name])
+            continue
+        out = _run(graph, i, [values[src] for src in node.inputs], False)
+        for k, o in enumerate(out if node.multi else (out,)):
+            values[(i, k)] = o
+    return values[target]
+
+
+def _run(graph: Graph, i: int, args: list[Any], cache: bool) -> Any:
+    node = graph._nodes[i]
+    layer = node.layer
+    try:
+        if isinstance(layer, Layer):
+            return layer.forward(*args, cache=cache)
+        out = forward(layer, dict(zip(layer.input_names(), args, strict=True)), cache)
+        return out if node.multi else out[0]
+    except (ValueError, TypeError) as e:
+        shapes = ", ".join(
+            f"{graph._port_name(src)} {np.shape(a)}"
+            for src, a in zip(node.inputs, args, strict=True)
+        )
+        msg = f"{graph._where(i)} with input(s) {shapes or '-'}: {e}"
+        try:
+            wrapped = type(e)(msg)
+        except Exception:
+            raise e from None
+        raise wrapped from e
+
+
+# -- seeds -------------------------------------------------------------------------------
+
+
+def seeds(graph: Graph, seed: Any, where: str) -> list[np.ndarray | None]:
+    """The seeds ``dJ/d(output)`` as ``backward`` takes them, one per output, checked.
+
+    ``None`` for an output that sends no gradient (left out of a dict).
+    """
+    names = graph._output_names
+    n = len(names)
+    if n == 1 and isinstance(seed, tuple) and len(seed) == 1:
+        seed = seed[0]
+    if seed is None:
+        entries: list[Any] = [None] * n
+        present = [True] * n
+    elif isinstance(seed, Mapping):
+        unknown = [k for k in seed if k not in names]
+        if unknown:
+            raise ValueError(
+                f"{where}: seed for unknown output(s) {', '.join(map(repr, unknown))}; "
+                f"the outputs are {', '.join(map(repr, names))}"
+            )
+        entries = [seed.get(k) for k in names]
+        present = [k in seed for k in names]
+    elif n > 1:
+        if not isinstance(seed, tuple | list) or len(seed) != n:
+            raise TypeError(
+                f"{where}: the model has {n} outputs ({', '.join(map(repr, names))}); "
+                f"give one seed per output as a tuple/list, or a dict by output name"
+            )
+        entries, present = list(seed), [True] * n
+    else:
+        entries, present = [seed], [True]
+    out: list[np.ndarray | None] = []
+    for name, src, s, here in zip(names, graph._outputs, entries, present, strict=True):
+        out.append(_seed(graph, where, name, src, s) if here else None)
+    return out
+
+
+def _seed(graph: Graph, where: str, name: str, src: tuple[int, int], s: Any) -> np.ndarray:
+    shape, dtype = graph._shapes[src], graph._dtypes[src]
+    if s is None:
+        if shape != ():
+            raise ValueError(
+                f"{where}: output {name!r} has shape {shape}, not a scalar cost; "
+                f"pass seed = dJ/d({name}) of that shape (e.g. np.ones({shape}))"
+            )
+        return np.ones((), dtype)
+    if isinstance(s, int | float) and shape == ():  # a Python number takes the output's dtype
+        return np.asarray(s, dtype=dtype)
+    s = check_float(f"{where}: seed for output {name!r}", "the seed", s, dtype)
+    if s.shape != shape:
+        raise ValueError(
+            f"{where}: the seed for output {name!r} has shape {s.shape}, but the output "
+            f"has shape {shape}; the seed is dJ/d({name}), of the output's shape"
+        )
+    return s.copy()  # the caller may change their array; the gradients must not follow
+
+
+# -- backward ----------------------------------------------------------------------------
+
+
+def backward(
+    graph: Graph,
+    seed_list: list[np.ndarray | None],
+    mode: str,
+    per_example: bool,
+    input_grad: bool,
+) -> Gradients:
+    """The reverse pass from the outputs' seeds; see ``Graph.backward``."""
+    nodes, needs = graph._nodes, graph._needs
+    if not input_grad:
+        needs = graph._needs_without_inputs()
+    g: dict[tuple[int, int], Any] = {}
+    for src, s in zip(graph._outputs, seed_list, strict=True):
+        if s is not None:
+            g[src] = s
+    per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {}
+    grads_in: dict[str, np.ndarray] = {}
+    step = _per_example_step if per_example else _STEPS[mode]
+    for i in reversed(graph._order):
+        if not needs[i]:
+            continue
+        node = nodes[i]
+        if node.kind == "input":
+            gi = g.pop((i, 0), None)
+            grads_in[node.name] = (
+                np.zeros(graph._shapes[(i, 0)], graph._dtypes[(i, 0)]) if gi is None else gi
+            )
+            continue
+        g_out = [g.pop((i, k), None) for k in range(node.n_out)]
+        if all(gk is None for gk in g_out):
+            continue
+        need_in = [needs[j] for j, _ in node.inputs]
+        layer = node.layer
+        if isinstance(layer, Layer):
+            g_in, layer_grads = step(layer, tuple(g_out) if node.multi else g_out[0], any(need_in))
+            for pname, grad in layer_grads.items():
+                per_use.setdefault(layer.params[pname], []).append((node.name, grad))
+        else:
+            g_in = _nested_backward(layer, node.name, g_out, mode, per_example, per_use)
+        for src, gi, ni in zip(node.inputs, g_in, need_in, strict=True):
+            if ni and gi is not None:
+                g[src] = gi
+    params = _totals(graph, per_use, per_example)
+    ordered = {n: grads_in[n] for n in graph.input_names() if n in grads_in}
+    return Gradients(ordered, params, {p: per_use.get(p, []) for p in params})
+
+
+def _totals(
+    graph: Graph, per_use: dict[Parameter, list[tuple[str, np.ndarray]]], per_example: bool
+) -> dict[Parameter, np.ndarray]:
+    """Each Parameter's gradient: the sum of its uses (eq. 14.47), zeros if none."""
+    params: dict[Parameter, np.ndarray] = {}
+    for p in graph._parameters:
+        terms = per_use.get(p)
+        if not terms:
+            shape = (graph.batch_size, *p.shape) if per_example else p.shape
+            params[p] = np.zeros(shape, p.dtype)
+            continue
+        total = terms[0][1].copy() if len(terms) > 1 else terms[0][1]
+        for _, t in terms[1:]:
+            total += t
+        params[p] = total
+    return params
+
+
+def _nested_backward(
+    inner: Graph,
+    name: str,
+    g_out: list[Any],
+    mode: str,
+    per_example: bool,
+    per_use: dict[Parameter, list[tuple[str, np.ndarray]]],
+) -> tuple[Any, ...]:
+    """A nested graph's backward, its uses named ``"outer/inner"``."""
+    inner._require_cached()
+    seed_list = [
+        np.zeros(inner._shapes[src], inner._dtypes[src]) if s is None else s
+        for s, src in zip(g_out, inner._outputs, strict=True)
+    ]
+    sub = backward(inner, seed_list, mode, per_example, True)
+    for p, terms in sub.per_use.items():
+        for use, grad in terms:
+            per_use.setdefault(p, []).append((f"{name}/{use}", grad))
+    return tuple(sub.inputs.get(n) for n in inner.input_names())
+
+
+# -- one layer's step, three ways ----------------------------------------------------------
+
+_Step = tuple[tuple[Any, ...], dict[str, np.ndarray]]
+
+
+def _fast_step(layer: Layer, g_out: Any, input_grad: bool) -> _Step:
+    g_in, grads = layer.backward(g_out, input_grad=input_grad)
+    return (g_in if isinstance(g_in, tuple) else (g_in,)), grads
+
+
+def _explicit_step(layer: Layer, g_out: Any, input_grad: bool) -> _Step:
+    """Algorithm 14.1, lines 11–13, for one layer with any number of inputs and outputs.
+
+    Builds ``L^x`` and ``L^θ`` as ``scipy.sparse`` matrices and multiplies
+    ``g_in = g_out L^x`` (eq. 14.10) and ``dJ/dθ = g_out L^θ`` (eq. 14.8). A
+    layer with several outputs has the Jacobian of its outputs stacked, so its
+    ``g_out`` is the stack ``[g_out^a, g_out^b, ...]`` (eq. 14.43).
+    """
+    op = layer._operating_point("backward")
+    checked = layer._validate_g_out(op, g_out)
+    if layer.n_outputs > 1 or layer.returns_tuple:
+        B = op.x_in[0].shape[0]
+        g = np.concatenate(
+            [
+                np.zeros((B, int(x[0].size)), x.dtype) if gk is None else gk.reshape(B, -1)
+                for gk, x in zip(g_out, op.x_out, strict=True)
+            ],
+            axis=1,
+        )
+    else:
+        g = layer._g_rows(op, checked)
+    L_x, L_theta = layer.jacobians()  # line 11
+    grads = {  # line 13
+        name: explicit_vjp(L, g, sum_batch=True).reshape(layer.params[name].shape)
+        for name, L in L_theta.items()
+    }
+    L_xs = L_x if isinstance(L_x, tuple) else (L_x,)
+    g_in = tuple(  # line 12
+        None if (L is None or not input_grad) else explicit_vjp(L, g).reshape(x.shape)
+        for L, x in zip(L_xs, op.x_in, strict=True)
+    )
+    return g_in, grads
+
+
+def _per_example_step(layer: Layer, g_out: Any, input_grad: bool) -> _Step:
+    """The fast step, with each parameter gradient as ``B`` per-example terms."""
+    if not layer.params:
+        return _fast_step(layer, g_out, input_grad)
+    terms = layer.per_example_grads(g_out)
+    if not input_grad:
+        return (None,) * len(layer.inputs), terms
+    g_in, _ = _fast_step(layer, g_out, True)
+    return g_in, terms
+
+
+_STEPS: dict[str, Callable[[Layer, Any, bool], _Step]] = {
+    "fast": _fast_step,
+    "explicit": _explicit_step,
+}
