@@ -70,7 +70,8 @@ class Tile(Jacobian):
     shared = True
 
     def __init__(self, copies: int, n: int, batch: int, dtype: Any = np.float64) -> None:
-        super().__init__((copies * n, n), batch, dtype, "[" + "; ".join(["I"] * copies) + "]")
+        label = "; ".join(["I"] * copies) if copies <= 4 else f"I; I; …; I ({copies} copies)"
+        super().__init__((copies * n, n), batch, dtype, f"[{label}]")
         self.copies = copies
 
     def _vjp(self, g: np.ndarray) -> np.ndarray:
