@@ -6,7 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from backprop.jacobian import Dense, Identity, Jacobian, Kronecker
+from backprop.jacobian import (
+    Dense,
+    Identity,
+    Jacobian,
+    Kronecker,
+    KroneckerMatrix,
+    RepeatedBlock,
+    Tile,
+)
 from backprop.layer import FLOAT_DTYPES, Layer, OperatingPoint, Parameter
 
 
@@ -36,16 +44,22 @@ def _as_parameter(where: str, value: Any, shape: tuple[int, ...], dtype: Any) ->
 
 
 class Linear(Layer):
-    """``x_out = W x_in + b`` per example (eq. 14.12).
+    """``x_out = W x_in + b`` per example (eq. 14.12), on the last axis of ``x_in``.
 
-    Shapes: ``x_in`` is ``(B, n_in)``, ``x_out`` is ``(B, n_out)``, ``W`` is
-    ``(n_out, n_in)`` and ``b`` is ``(n_out,)``.
+    Shapes: ``x_in`` is ``(B, ..., n_in)`` and ``x_out`` is ``(B, ..., n_out)``
+    (as ``torch.nn.Linear``: the same ``W`` at each of the ``P`` positions of the
+    middle axes, ``P = 1`` for ``(B, n_in)``), ``W`` is ``(n_out, n_in)`` and
+    ``b`` is ``(n_out,)``.
 
-    Jacobians: ``L^x = W`` (eq. 14.16), ``L^W = I ⊗ x_inᵀ`` (eq. 14.14) and
-    ``L^b = I`` (eq. 14.17). The fast path is three matrix products over the
-    batch: ``g_in = g_out W`` (eq. 14.18), ``dJ/dW = g_outᵀ x_in`` (eq. 14.29 in
-    ``W``'s shape, the transpose of the chapter's ``x_in g_out``) and
-    ``dJ/db = Σ_b g_out`` (eq. 14.20).
+    Jacobians, for ``(B, n_in)``: ``L^x = W`` (eq. 14.16), ``L^W = I ⊗ x_inᵀ``
+    (eq. 14.14) and ``L^b = I`` (eq. 14.17). The fast path is three matrix
+    products over the batch: ``g_in = g_out W`` (eq. 14.18), ``dJ/dW = g_outᵀ
+    x_in`` (eq. 14.29 in ``W``'s shape, the transpose of the chapter's ``x_in
+    g_out``) and ``dJ/db = Σ_b g_out`` (eq. 14.20). With ``P`` positions the
+    same hold per position: ``L^x = I_P ⊗ W`` (``RepeatedBlock``), ``L^W`` stacks
+    the positions' ``I ⊗ x_pᵀ`` (``KroneckerMatrix``, positions-major) and
+    ``L^b = [I; …; I]`` (``Tile``); the fast path reshapes to ``B·P`` rows, one
+    matrix product each, and the gradients sum over the positions too.
 
     ``W`` and ``b`` may be given as arrays or as Parameters (to tie layers,
     chapter 14.8). Otherwise ``W`` and ``b`` are drawn uniformly from
@@ -99,10 +113,21 @@ class Linear(Layer):
     def _check(self, x_in: np.ndarray) -> None:
         shape = x_in.shape
         if len(shape) != 2 or shape[1] != self.n_in:  # the common case without a call
-            self.expect_features("x_in", x_in, (self.n_in,))
+            if len(shape) < 2 or shape[-1] != self.n_in:
+                n = self.n_in
+                hint = " (add a batch axis: x[None])" if shape == (n,) else ""
+                raise ValueError(
+                    f"{self!r}: x_in has shape {shape}, expected (B, {n}) or (B, ..., {n}) "
+                    f"(the layer acts on the last axis){hint}"
+                )
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         W, b = op.theta["W"], op.theta.get("b")
+        if x_in.ndim != 2:
+            x_out = x_in.reshape(-1, self.n_in) @ W.T  # one GEMM over the B·P rows
+            if b is not None:
+                x_out += b
+            return x_out.reshape(*x_in.shape[:-1], self.n_out)
         x_out = x_in @ W.T
         if b is not None:
             x_out += b
@@ -113,6 +138,8 @@ class Linear(Layer):
     ) -> tuple[Any, dict[str, np.ndarray]]:
         (x_in,) = op.x_in
         W = op.theta["W"]
+        if x_in.ndim != 2:
+            return self._backward_positions(op, g_out, input_grad)
         grads = {"W": g_out.T @ x_in}
         if "b" in op.theta:
             # Σ_b g_out[b] as the product 1ᵀ g_out: BLAS's gemv is 1.5 to 3 times
@@ -123,13 +150,35 @@ class Linear(Layer):
             grads["b"] = ones @ g_out
         return (g_out @ W if input_grad else None), grads
 
+    def _backward_positions(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        """``_backward`` for ``(B, ..., n_in)``: the ``B·P`` positions as rows."""
+        (x_in,) = op.x_in
+        x = x_in.reshape(-1, self.n_in)
+        g = g_out.reshape(-1, self.n_out)
+        grads = {"W": g.T @ x}
+        if "b" in op.theta:
+            grads["b"] = g.sum(axis=0)
+        g_in = (g @ op.theta["W"]).reshape(x_in.shape) if input_grad else None
+        return g_in, grads
+
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         (x_in,) = op.x_in
-        B = x_in.shape[0]
-        L_theta: dict[str, Jacobian] = {"W": Kronecker(self.n_out, x_in)}
+        B, W = x_in.shape[0], op.theta["W"]
+        if x_in.ndim != 2:
+            P = int(np.prod(x_in.shape[1:-1], dtype=np.int64))
+            X = x_in.reshape(B, P, self.n_in)
+            L_theta: dict[str, Jacobian] = {
+                "W": KroneckerMatrix(self.n_out, X, rows="positions", label="I ⊗ x_pᵀ per position")
+            }
+            if "b" in op.theta:
+                L_theta["b"] = Tile(P, self.n_out, B, x_in.dtype)
+            return RepeatedBlock(P, W, B, "W"), L_theta
+        L_theta = {"W": Kronecker(self.n_out, x_in)}
         if "b" in op.theta:
             L_theta["b"] = Identity(self.n_out, B, x_in.dtype)
-        return Dense(op.theta["W"], "W", batch=B), L_theta
+        return Dense(W, "W", batch=B), L_theta
 
     def __repr__(self) -> str:
         bias = "" if "b" in self.params else ", bias=False"
