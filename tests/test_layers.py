@@ -55,10 +55,12 @@ def several(*shapes: tuple[int, ...]) -> Callable[[np.random.Generator, int, Any
     return draw
 
 
-def logits_and_labels(C: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+def logits_and_labels(C: int, *positions: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Logits ``(B, C, *positions)`` and integer labels ``(B, *positions)`` in ``0..C-1``."""
+
     def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
-        z = (2.0 * rng.standard_normal((B, C))).astype(dtype)
-        return z, rng.integers(0, C, size=B)
+        z = (2.0 * rng.standard_normal((B, C, *positions))).astype(dtype)
+        return z, rng.integers(0, C, size=(B, *positions))
 
     return draw
 
@@ -97,6 +99,8 @@ CASES = [
     Case("Multiply", lambda dt: bp.Multiply(), several((2, 3), (2, 3))),
     Case("Reshape", lambda dt: bp.Reshape(2, 3), normal(6)),
     Case("Flatten", lambda dt: bp.Flatten(), normal(2, 3)),
+    Case("SoftmaxCE-BC5", lambda dt: bp.SoftmaxCrossEntropy(), logits_and_labels(3, 5)),
+    Case("SoftmaxCE-BC23", lambda dt: bp.SoftmaxCrossEntropy(), logits_and_labels(3, 2, 3)),
 ]
 
 BATCHES = [1, 4]
