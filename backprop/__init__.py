@@ -23,20 +23,14 @@ from backprop.layers import (
     SoftmaxCrossEntropy,
     Softplus,
     Tanh,
+    Transpose,
 )
-from backprop.layers.backward import VJP, BatchSum, Gate, Slice, WeightGrad
-from backprop.layers.structure import Constant, Scale, Shift, Sum
 from backprop.optim import SGD, Adam, Optimizer
 from backprop.train import History, accuracy, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VJP",
-    "BatchSum",
-    "Gate",
-    "Slice",
-    "WeightGrad",
     "backward_graph",
     "input_gradient",
     "optimize_input",
@@ -49,14 +43,10 @@ __all__ = [
     "plot",
     "predict",
     "save",
-    "Constant",
     "Gradients",
     "Graph",
     "Handle",
     "NodeInfo",
-    "Scale",
-    "Shift",
-    "Sum",
     "SGD",
     "Add",
     "Branch",
@@ -79,6 +69,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "Softplus",
     "Tanh",
+    "Transpose",
     "gradcheck",
     "jacobian",
     "numerical_jacobian",

@@ -9,6 +9,8 @@ import pytest
 
 import backprop as bp
 from backprop.jacobian import Dense, Identity, Kronecker
+from backprop.layers.backward import VJP, BatchSum, Gate, Slice, WeightGrad
+from backprop.layers.worked import Scale, Shift, SumEntries
 
 B = 4
 
@@ -23,22 +25,22 @@ def close(a: Any, b: Any) -> None:
 def layer_cases(rng: np.random.Generator) -> list[tuple[str, bp.Layer, np.ndarray]]:
     x3 = rng.standard_normal((B, 3))
     return [
-        ("Gate", bp.Gate(rng.standard_normal((B, 2, 3))), rng.standard_normal((B, 2, 3))),
-        ("Slice", bp.Slice(2, 6, (2, 2)), rng.standard_normal((B, 7))),
-        ("VJP dense", bp.VJP(Dense(rng.standard_normal((B, 2, 5))), (5,)), x3[:, :2].copy()),
+        ("Gate", Gate(rng.standard_normal((B, 2, 3))), rng.standard_normal((B, 2, 3))),
+        ("Slice", Slice(2, 6, (2, 2)), rng.standard_normal((B, 7))),
+        ("VJP dense", VJP(Dense(rng.standard_normal((B, 2, 5))), (5,)), x3[:, :2].copy()),
         (
             "VJP shared, reshaped",
-            bp.VJP(Dense(rng.standard_normal((2, 6)), batch=B), (2, 3)),
+            VJP(Dense(rng.standard_normal((2, 6)), batch=B), (2, 3)),
             rng.standard_normal((B, 2)),
         ),
         (
             "VJP summed",
-            bp.VJP(Kronecker(2, x3), (2, 3), sum_batch=True),
+            VJP(Kronecker(2, x3), (2, 3), sum_batch=True),
             rng.standard_normal((B, 2)),
         ),
-        ("VJP identity", bp.VJP(Identity(3, B), (3,)), rng.standard_normal((B, 3))),
-        ("WeightGrad", bp.WeightGrad(x3), rng.standard_normal((B, 2))),
-        ("BatchSum", bp.BatchSum(), rng.standard_normal((B, 2, 2))),
+        ("VJP identity", VJP(Identity(3, B), (3,)), rng.standard_normal((B, 3))),
+        ("WeightGrad", WeightGrad(x3), rng.standard_normal((B, 2))),
+        ("BatchSum", BatchSum(), rng.standard_normal((B, 2, 2))),
     ]
 
 
@@ -54,15 +56,15 @@ def test_new_layers_values_by_hand() -> None:
     rng = np.random.default_rng(20)
     g = rng.standard_normal((B, 2))
     x = rng.standard_normal((B, 3))
-    assert bp.WeightGrad(x).forward(g).tolist() == (g.T @ x).tolist()  # eq. 14.29
-    assert bp.BatchSum().forward(g).tolist() == [g[:, 0].sum(), g[:, 1].sum()]
+    assert WeightGrad(x).forward(g).tolist() == (g.T @ x).tolist()  # eq. 14.29
+    assert BatchSum().forward(g).tolist() == [g[:, 0].sum(), g[:, 1].sum()]
     d = rng.standard_normal((B, 2))
-    np.testing.assert_array_equal(bp.Gate(d).forward(g), g * d)
-    np.testing.assert_array_equal(bp.Slice(1, 3).forward(x), x[:, 1:3])
+    np.testing.assert_array_equal(Gate(d).forward(g), g * d)
+    np.testing.assert_array_equal(Slice(1, 3).forward(x), x[:, 1:3])
     row = rng.standard_normal((B, 1, 3))
-    np.testing.assert_allclose(bp.VJP(Dense(row), (3,)).forward(g[:, :1]), g[:, :1] * row[:, 0])
+    np.testing.assert_allclose(VJP(Dense(row), (3,)).forward(g[:, :1]), g[:, :1] * row[:, 0])
     # Backward of the weight gradient: G ↦ x Gᵀ, the adjoint of g ↦ gᵀ x.
-    wg = bp.WeightGrad(x)
+    wg = WeightGrad(x)
     wg.forward(g)
     G = rng.standard_normal((2, 3))
     g_in, grads = wg.backward(G)
@@ -76,11 +78,11 @@ def test_new_layers_keep_float32() -> None:
     g = rng.standard_normal((B, 2)).astype(np.float32)
     x = rng.standard_normal((B, 3)).astype(np.float32)
     for layer, inp in (
-        (bp.Gate(x[:, :2]), g),
-        (bp.WeightGrad(x), g),
-        (bp.BatchSum(), g),
-        (bp.Slice(0, 1), g),
-        (bp.VJP(Dense(x[:, None, :2]), (2,)), g[:, :1]),
+        (Gate(x[:, :2]), g),
+        (WeightGrad(x), g),
+        (BatchSum(), g),
+        (Slice(0, 1), g),
+        (VJP(Dense(x[:, None, :2]), (2,)), g[:, :1]),
     ):
         out = layer.forward(inp)
         assert out.dtype == np.float32, layer
@@ -90,23 +92,23 @@ def test_new_layers_keep_float32() -> None:
 
 def test_new_layers_errors() -> None:
     with pytest.raises(ValueError, match=r"Gate\(d\): x_in has shape \(2, 3\), expected \(2, 2\)"):
-        bp.Gate(np.ones((2, 2))).forward(np.ones((2, 3)))
+        Gate(np.ones((2, 2))).forward(np.ones((2, 3)))
     with pytest.raises(TypeError, match="float64"):
-        bp.Gate(np.ones((2, 2))).forward(np.ones((2, 2), np.float32))
+        Gate(np.ones((2, 2))).forward(np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="start < stop"):
-        bp.Slice(3, 3)
+        Slice(3, 3)
     with pytest.raises(ValueError, match=r"shape \(3,\) does not hold 2 entries"):
-        bp.Slice(0, 2, (3,))
+        Slice(0, 2, (3,))
     with pytest.raises(ValueError, match="4 entries per example"):
-        bp.Slice(2, 6).forward(np.ones((1, 4)))
+        Slice(2, 6).forward(np.ones((1, 4)))
     with pytest.raises(ValueError, match="expected a batch of 2 with 3 entries"):
-        bp.VJP(Dense(np.ones((3, 4)), batch=2), (4,)).forward(np.ones((2, 2)))
+        VJP(Dense(np.ones((3, 4)), batch=2), (4,)).forward(np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"does not hold the 4 columns"):
-        bp.VJP(Dense(np.ones((3, 4)), batch=2), (5,))
+        VJP(Dense(np.ones((3, 4)), batch=2), (5,))
     with pytest.raises(TypeError, match="backprop.jacobian object"):
-        bp.VJP(np.ones((3, 4)), (4,))  # type: ignore[arg-type]
+        VJP(np.ones((3, 4)), (4,))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"expected \(2, n_out\)"):
-        bp.WeightGrad(np.ones((2, 3))).forward(np.ones((3, 2)))
+        WeightGrad(np.ones((2, 3))).forward(np.ones((3, 2)))
 
 
 # -- the backward network reproduces backward() -------------------------------------------------
@@ -149,9 +151,9 @@ def random_dag(seed: int) -> tuple[bp.Graph, dict[str, np.ndarray]]:
             op = bp.Multiply() if rng.random() < 0.5 else bp.Add()
             pool.append((g.add(op, h, g.add(bp.Tanh(), h)), w))  # h read twice: fan-out
         elif kind == 4:
-            pool.append((g.add(bp.Scale(float(rng.uniform(0.5, 1.5))), h), w))
+            pool.append((g.add(Scale(float(rng.uniform(0.5, 1.5))), h), w))
         else:
-            chain = bp.Sequential([bp.Linear(w, 3, rng=rng), bp.Tanh(), bp.Shift(0.5)])
+            chain = bp.Sequential([bp.Linear(w, 3, rng=rng), bp.Tanh(), Shift(0.5)])
             pool.append((g.add(chain, h), 3))
     top = g.add(bp.Merge(len(pool)), *(h for h, _ in pool))
     width = sum(w for _, w in pool)
@@ -263,12 +265,12 @@ def test_figure_14_17_structure() -> None:
     z2 = np.maximum(z1, 0) @ W[1].T
     for idx, z in ((1, z1), (3, z2)):
         gate = layers[f"relu_{idx}_back"]
-        assert isinstance(gate, bp.Gate)
+        assert isinstance(gate, Gate)
         np.testing.assert_array_equal(gate.d, (z >= 0).astype(float))
     # Parameter gradients: one matrix product g_outᵀ x_in per layer.
-    assert isinstance(layers["dJ/d0.W"], bp.WeightGrad)
+    assert isinstance(layers["dJ/d0.W"], WeightGrad)
     np.testing.assert_array_equal(layers["dJ/d0.W"].x, X)
-    assert isinstance(layers["l2loss_5_back0"], bp.VJP)  # input 0 of the loss: ŷ
+    assert isinstance(layers["l2loss_5_back0"], VJP)  # input 0 of the loss: ŷ
     # Every layer of the backward network is linear in g: twice the seed, twice everything.
     one = bg.forward(g_J=np.ones((B, 1)))
     two = bg.forward(g_J=np.full((B, 1), 2.0))
@@ -285,7 +287,7 @@ def test_graph_with_non_scalar_outputs_and_seeds() -> None:
     x = g.input("x")
     h = g.add(bp.Tanh(), g.add(bp.Linear(3, 4, rng=rng), x), name="h")
     o1 = g.add(bp.Linear(4, 2, rng=rng), h, name="o1")
-    o2 = g.add(bp.Sum(), h, name="o2")
+    o2 = g.add(SumEntries(), h, name="o2")
     g.output(o1, o2, h)  # h is also an output: a fan-out to the output
     g.forward(x=rng.standard_normal((B, 3)))
     seeds = (rng.standard_normal((B, 2)), rng.standard_normal((B, 1)), rng.standard_normal((B, 4)))
@@ -305,7 +307,7 @@ def test_nested_graph_merge_multiply_and_unreached_parts() -> None:
     x, v, w = g.input("x"), g.input("v"), g.input("w")
     dead = bp.Linear(2, 2, rng=rng)
     g.add(dead, w)  # w and dead lead nowhere: zero gradients
-    m = g.add(bp.Merge(), g.add(inner, x, v), g.add(bp.Scale(2.0, learnable=False), v))
+    m = g.add(bp.Merge(), g.add(inner, x, v), g.add(Scale(2.0, learnable=False), v))
     g.output(g.add(bp.Linear(4, 1, rng=rng), m, name="o"))
     feed = {k: rng.standard_normal((B, 2)) for k in "xvw"}
     g.forward(feed)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
+from backprop.layers.worked import Shift
 
 RNG = np.random.default_rng(7)
 
@@ -106,7 +107,7 @@ def test_linear_refuses_weights_of_another_dtype_than_the_one_asked_for() -> Non
     [
         (bp.Reshape(6), [RNG.standard_normal((2, 2, 3))]),
         (bp.Flatten(), [RNG.standard_normal((2, 2, 3))]),
-        (bp.Shift(1.0), [RNG.standard_normal((2, 6))]),
+        (Shift(1.0), [RNG.standard_normal((2, 6))]),
         (bp.Merge(), [RNG.standard_normal((2, 2)), RNG.standard_normal((2, 4))]),
         (bp.Add(), [RNG.standard_normal((2, 6)), RNG.standard_normal((2, 6))]),
     ],

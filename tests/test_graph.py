@@ -9,6 +9,7 @@ import pytest
 
 import backprop as bp
 from backprop.graph import topological_order
+from backprop.layers.worked import Scale
 
 B = 3
 
@@ -200,7 +201,7 @@ def test_a_plus_a_gets_twice_the_gradient(mode: str) -> None:
 def test_three_readers_and_a_user_branch_output_read_twice() -> None:
     g = bp.Graph()
     x = g.input("x")
-    s1, s2, s3 = (bp.Scale(c) for c in (2.0, 3.0, 5.0))
+    s1, s2, s3 = (Scale(c) for c in (2.0, 3.0, 5.0))
     left, right = g.add(bp.Branch(2), x, name="split")
     total = g.add(bp.Add(), g.add(s1, left), g.add(s2, left))  # left read twice
     total = g.add(bp.Add(), total, g.add(s3, left))  # and a third time
@@ -229,8 +230,8 @@ def test_seed_is_copied_not_aliased() -> None:
 def test_output_also_read_by_a_node_gets_both_gradients() -> None:
     g = bp.Graph()
     x = g.input("x")
-    h = g.add(bp.Scale(3.0, learnable=False), x, name="h")
-    f = g.add(bp.Scale(-2.0, learnable=False), h, name="f")
+    h = g.add(Scale(3.0, learnable=False), x, name="h")
+    f = g.add(Scale(-2.0, learnable=False), h, name="f")
     g.output(f, h)
     f_val, h_val = g.forward(x=np.array([[1.0]]))
     assert (f_val.item(), h_val.item()) == (-6.0, 3.0)
@@ -315,7 +316,7 @@ def test_two_scalar_outputs_default_seed_is_their_sum() -> None:
     g = bp.Graph()
     x, y = g.input("x"), g.input("y")
     j1 = g.add(bp.L2Loss(), x, y)
-    j2 = g.add(bp.L2Loss(), g.add(bp.Scale(2.0, learnable=False), x), y)
+    j2 = g.add(bp.L2Loss(), g.add(Scale(2.0, learnable=False), x), y)
     g.output(j1, j2)
     X, Y = np.array([[1.0, 2.0]]), np.array([[0.0, 1.0]])
     assert g.forward(x=X, y=Y) == (2.0, 13.0)  # 1 + 1, 4 + 9
@@ -518,7 +519,7 @@ def test_float32_stays_float32() -> None:
     g = bp.Graph()
     x, y = g.input("x"), g.input("y")
     h = g.add(bp.Linear(3, 3, rng=rng, dtype=np.float32), x)
-    s = g.add(bp.Add(), g.add(bp.Tanh(), h), g.add(bp.Scale(0.5, dtype=np.float32), h))
+    s = g.add(bp.Add(), g.add(bp.Tanh(), h), g.add(Scale(0.5, dtype=np.float32), h))
     g.output(g.add(bp.L2Loss(), s, y))
     J = g.forward(x=rand(rng, B, 3).astype(np.float32), y=rand(rng, B, 3).astype(np.float32))
     assert J.dtype == np.float32
@@ -537,7 +538,7 @@ def test_chain_of_100000_layers() -> None:
     g = bp.Graph()
     h = g.input("x")
     for i in range(n):
-        h = g.add(bp.Scale(a) if i % 2 else bp.ReLU(), h)
+        h = g.add(Scale(a) if i % 2 else bp.ReLU(), h)
     g.output(h)
     X = np.array([[1.0, 2.0, 3.0]])
     np.testing.assert_array_equal(g.forward(x=X), X)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
+from backprop.layers.worked import Constant, Scale, Shift
 
 ONE = np.ones((1, 1))
 
@@ -95,10 +96,8 @@ def test_sigmoid_neuron_as_circuit_of_gates() -> None:
     w0, x0, w1, x1, w2 = (g.input(n) for n in ("w0", "x0", "w1", "x1", "w2"))
     s = g.add(bp.Add(), g.add(bp.Multiply(), w0, x0), g.add(bp.Multiply(), w1, x1))
     s = g.add(bp.Add(), s, w2)
-    e = g.add(bp.Pointwise(np.exp, np.exp), g.add(bp.Scale(-1.0, learnable=False), s))
-    f = g.add(
-        bp.Pointwise(np.reciprocal, lambda v: -1.0 / v**2, name="inv"), g.add(bp.Shift(1.0), e)
-    )
+    e = g.add(bp.Pointwise(np.exp, np.exp), g.add(Scale(-1.0, learnable=False), s))
+    f = g.add(bp.Pointwise(np.reciprocal, lambda v: -1.0 / v**2, name="inv"), g.add(Shift(1.0), e))
     g.output(f)
     feed = {"w0": W[0], "x0": X[0], "w1": W[1], "x1": X[1], "w2": W[2]}
     out = g.forward({k: scalar(v) for k, v in feed.items()})
@@ -122,18 +121,18 @@ def test_sigmoid_neuron_as_circuit_of_gates() -> None:
 A, W1, W2, W3, W4 = 2.0, 3.0, -1.0, 0.5, 4.0
 
 
-def build_note_003(ten_as_constant: bool) -> tuple[bp.Graph, list[bp.Scale]]:
+def build_note_003(ten_as_constant: bool) -> tuple[bp.Graph, list[Scale]]:
     g = bp.Graph()
     a = g.input("a")
-    s1, s2, s3, s4 = (bp.Scale(w) for w in (W1, W2, W3, W4))
+    s1, s2, s3, s4 = (Scale(w) for w in (W1, W2, W3, W4))
     b = g.add(s1, a, name="b")  # a is read twice: the graph inserts a Branch
     c = g.add(s2, a, name="c")
     d = g.add(bp.Add(), g.add(s3, b), g.add(s4, c), name="d")
-    minus_d = g.add(bp.Scale(-1.0, learnable=False), d)
+    minus_d = g.add(Scale(-1.0, learnable=False), d)
     if ten_as_constant:
-        L = g.add(bp.Add(), g.add(bp.Constant([[10.0]]), name="ten"), minus_d, name="L")
+        L = g.add(bp.Add(), g.add(Constant([[10.0]]), name="ten"), minus_d, name="L")
     else:
-        L = g.add(bp.Shift(10.0), minus_d, name="L")
+        L = g.add(Shift(10.0), minus_d, name="L")
     g.output(L)
     return g, [s1, s2, s3, s4]
 
@@ -163,10 +162,10 @@ def test_note_003_paths_one_at_a_time() -> None:
     for w3, w4 in ((W3, 0.0), (0.0, W4)):
         g = bp.Graph()
         a = g.input("a")
-        b = g.add(bp.Scale(W1), a)
-        c = g.add(bp.Scale(W2), a)
-        d = g.add(bp.Add(), g.add(bp.Scale(w3), b), g.add(bp.Scale(w4), c))
-        g.output(g.add(bp.Scale(-1.0, learnable=False), d))
+        b = g.add(Scale(W1), a)
+        c = g.add(Scale(W2), a)
+        d = g.add(bp.Add(), g.add(Scale(w3), b), g.add(Scale(w4), c))
+        g.output(g.add(Scale(-1.0, learnable=False), d))
         g.forward(a=scalar(A))
         totals.append(g.backward(seed=ONE).inputs["a"].item())
     assert totals == [-1.5, 4.0]

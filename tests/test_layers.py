@@ -22,6 +22,7 @@ import pytest
 
 import backprop as bp
 from backprop.layer import Layer
+from backprop.layers.worked import Constant, Scale, Shift, SumEntries
 
 Arrays = tuple[np.ndarray, ...]
 
@@ -55,12 +56,19 @@ def several(*shapes: tuple[int, ...]) -> Callable[[np.random.Generator, int, Any
     return draw
 
 
-def logits_and_labels(C: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+def logits_and_labels(C: int, *positions: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Logits ``(B, C, *positions)`` and integer labels ``(B, *positions)`` in ``0..C-1``."""
+
     def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
-        z = (2.0 * rng.standard_normal((B, C))).astype(dtype)
-        return z, rng.integers(0, C, size=B)
+        z = (2.0 * rng.standard_normal((B, C, *positions))).astype(dtype)
+        return z, rng.integers(0, C, size=(B, *positions))
 
     return draw
+
+
+def nothing(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+    """No input at all: a source of the graph (``Constant``)."""
+    return ()
 
 
 def g_like(rng: np.random.Generator, x_out: Any) -> Any:
@@ -97,6 +105,21 @@ CASES = [
     Case("Multiply", lambda dt: bp.Multiply(), several((2, 3), (2, 3))),
     Case("Reshape", lambda dt: bp.Reshape(2, 3), normal(6)),
     Case("Flatten", lambda dt: bp.Flatten(), normal(2, 3)),
+    # -- tensors of any shape: images (B, C, H, W), sequences (B, T, d) --
+    Case("Transpose", lambda dt: bp.Transpose((1, 0)), normal(3, 5)),
+    Case("Transpose-3", lambda dt: bp.Transpose((2, 0, 1)), normal(3, 1, 5)),
+    Case("Merge-axis1", lambda dt: bp.Merge(axis=1), several((2, 3, 5), (1, 3, 5))),
+    Case("Merge-axis-1", lambda dt: bp.Merge(2, axis=-1), several((3, 2), (3, 5))),
+    Case("Merge-axis2", lambda dt: bp.Merge(axis=2), several((1, 3, 5), (1, 1, 5), (1, 2, 5))),
+    Case("SoftmaxCE-BC5", lambda dt: bp.SoftmaxCrossEntropy(), logits_and_labels(3, 5)),
+    Case("SoftmaxCE-BC23", lambda dt: bp.SoftmaxCrossEntropy(), logits_and_labels(3, 2, 3)),
+    # -- the worked-example pieces (backprop.layers.worked) --
+    Case("Constant", lambda dt: Constant(np.linspace(-1, 2, 15).reshape(3, 5).astype(dt)), nothing),
+    Case("Scale", lambda dt: Scale(0.7, dtype=dt), normal(3, 5)),
+    Case("Scale-fixed", lambda dt: Scale(-1.5, learnable=False), normal(5)),
+    Case("Shift", lambda dt: Shift(np.arange(15.0).reshape(3, 5) / 7), normal(3, 5)),
+    Case("Shift-scalar", lambda dt: Shift(0.5), normal(3)),
+    Case("SumEntries", lambda dt: SumEntries(), normal(3, 5)),
 ]
 
 BATCHES = [1, 4]
@@ -119,6 +142,11 @@ def setup(case: Case, B: int, dtype: Any = np.float64, seed: int = 0) -> tuple[L
     xs = case.inputs(rng, B, dtype)
     out = layer.forward(*xs)
     return layer, xs, g_like(rng, out)
+
+
+def is_source(layer: Layer) -> bool:
+    """A layer with no input and no parameter (``Constant``): nothing to differentiate."""
+    return not layer.inputs and not layer.params
 
 
 def as_tuple(g_in: Any) -> tuple[Any, ...]:
@@ -162,6 +190,10 @@ def assert_same_results(
 def test_gradcheck(case: Case, batch: int) -> None:
     layer, xs, _ = setup(case, batch)
     report = bp.gradcheck(layer, *xs)
+    if is_source(layer):  # no Jacobian and no gradient: gradcheck has nothing to compare
+        assert not report.checks
+        assert layer.jacobians() == ((), {})
+        return
     assert report.checks, "gradcheck compared nothing"
     assert report.worst < 1e-5
 
@@ -203,6 +235,9 @@ def test_dot_product(case: Case, batch: int) -> None:
     rng = np.random.default_rng(11)
     g_in, grads = layer.backward(v)
     L_x, L_theta = layer.jacobians()
+    if is_source(layer):  # Constant: no Jacobian to multiply, no gradient to send
+        assert (g_in, grads, L_x, L_theta) == ((), {}, (), {})
+        return
     v_rows = flat_rows(v, batch)
     checked = 0
     for x, L, g in zip(xs, as_tuple(L_x), as_tuple(g_in), strict=True):
@@ -400,3 +435,43 @@ def test_forward_copies_a_read_only_view_of_a_writeable_array() -> None:
     data[:] = 0.0
     g = np.ones((4, 2))
     np.testing.assert_array_equal(lin.backward(g)[1]["W"], g.T @ original)  # eq. 14.18
+
+
+# -- the worked-example pieces, on numbers worked by hand -------------------------------
+
+
+def test_worked_pieces_compute_what_they_say() -> None:
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    ten = Constant([[10.0]])
+    assert ten.forward().tolist() == [[10.0]]
+    assert ten.backward(np.ones((1, 1))) == ((), {})
+
+    scale = Scale(2.5)
+    assert scale.forward(x).tolist() == [[2.5, 5.0, 7.5], [10.0, 12.5, 15.0]]
+    g_in, grads = scale.backward(np.ones((2, 3)))
+    assert g_in.tolist() == [[2.5] * 3] * 2
+    assert grads["a"] == 21.0  # dJ/da = Σ g·x = 1 + 2 + ... + 6
+
+    minus = Scale(-1.0, learnable=False)
+    assert minus.params == {}
+    assert minus.forward(x).tolist() == [[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]]
+
+    shift = Shift([0.5, 0.0, -1.0])
+    assert shift.forward(x).tolist() == [[1.5, 2.0, 2.0], [4.5, 5.0, 5.0]]
+    assert shift.backward(x)[0].tolist() == x.tolist()  # L^x = I: g passes through
+
+    total = SumEntries()
+    assert total.forward(x).tolist() == [[6.0], [15.0]]
+    assert total.backward(np.array([[2.0], [-1.0]]))[0].tolist() == [[2.0] * 3, [-1.0] * 3]
+    assert repr(total) == "SumEntries()"
+
+
+def test_worked_pieces_left_the_top_level_namespace() -> None:
+    # ``backprop.jacobian.Sum`` (a sum of Jacobians) is the only ``Sum``; the layer is
+    # ``SumEntries``, and the worked pieces and backward-network layers live in their modules.
+    for name in ("Constant", "Scale", "Shift", "Sum", "SumEntries", "VJP", "Gate", "Slice"):
+        assert not hasattr(bp, name), name
+    for name in ("WeightGrad", "BatchSum"):
+        assert not hasattr(bp, name), name
+    assert bp.Transpose is bp.layers.shape.Transpose
+    assert bp.Reshape is bp.layers.structure.Reshape  # the old import path still works

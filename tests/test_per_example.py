@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
+from backprop.layers.worked import Scale
 
 B = 4
 
@@ -20,7 +21,7 @@ def build(rng: np.random.Generator, dtype: type = np.float64) -> tuple[bp.Graph,
     tied = bp.Linear(3, 3, W=first.W, bias=False, dtype=dtype)  # eq. 14.47
     m = g.add(bp.Merge(), g.add(bp.ReLU(), a), g.add(bp.Tanh(), g.add(tied, b)))
     head = bp.Sequential([bp.Linear(6, 4, rng=rng, dtype=dtype), bp.Sigmoid()])
-    s = g.add(bp.Scale(0.7, dtype=dtype), g.add(head, m))
+    s = g.add(Scale(0.7, dtype=dtype), g.add(head, m))
     out = g.add(bp.Linear(4, 2, rng=rng, dtype=dtype), s, name="out")
     g.output(g.add(bp.L2Loss(), out, y, name="J"))
     return g, first

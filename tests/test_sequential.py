@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import backprop as bp
+from backprop.layers.backward import BatchSum
 
 
 def rel_close(a: np.ndarray, b: np.ndarray, rtol: float) -> None:
@@ -376,7 +377,7 @@ def test_gradcheck_on_sequential_with_float_target():
 def test_explicit_mode_through_a_layer_that_sums_the_batch() -> None:
     # x_out = Σ_b tanh(W x_b + b): the explicit step must hand each example all of g_out.
     rng = np.random.default_rng(3)
-    net = bp.Sequential([bp.Linear(3, 2, rng=rng), bp.Tanh(), bp.BatchSum()])
+    net = bp.Sequential([bp.Linear(3, 2, rng=rng), bp.Tanh(), BatchSum()])
     net.forward(rng.standard_normal((5, 3)))
     g_L = rng.standard_normal(2)
     fast_in, fast = net.backward(g_L)

@@ -3,7 +3,8 @@
 from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
-from backprop.layers.structure import Add, Branch, Flatten, Merge, Multiply, Reshape
+from backprop.layers.shape import Flatten, Reshape, Transpose
+from backprop.layers.structure import Add, Branch, Merge, Multiply
 
 __all__ = [
     "Add",
@@ -21,4 +22,5 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "Softplus",
     "Tanh",
+    "Transpose",
 ]

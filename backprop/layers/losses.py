@@ -63,12 +63,20 @@ class L2Loss(Loss):
 
 
 class SoftmaxCrossEntropy(Loss):
-    """``J = (1/B) Σ_b -log softmax(z_b)[y_b]`` for logits ``z`` and labels ``y``.
+    """``J = mean -log softmax(z)[y]`` over every labelled position, as
+    ``torch.nn.CrossEntropyLoss()``.
 
-    ``logits`` is ``(B, C)``; ``labels`` holds integers in ``0..C-1``, shape
-    ``(B,)``. The log-sum-exp is shifted by each row's maximum, so ``J`` and its
-    gradient are finite and warning-free for any finite logits. Per example,
-    ``L^z = (softmax(z_b) - onehot(y_b)) / B``; the labels get no gradient.
+    ``logits`` is ``(B, C)``, or ``(B, C, d1, ...)`` with the classes on axis 1
+    (a class score per pixel or per token); ``labels`` holds integers in
+    ``0..C-1`` of shape ``(B,)``, or ``(B, d1, ...)``. ``J`` is the mean over the
+    ``N = B·d1·...`` labelled positions. The log-sum-exp is shifted by each
+    position's maximum, so ``J`` and its gradient are finite and warning-free for
+    any finite logits. Per example ``L^z`` is one row ``(1, C·d1·...)``: the
+    entries of ``(softmax(z) - onehot(y)) / N`` over the classes of each
+    position; the labels get no gradient.
+
+    The general case moves the class axis last and is then the ``(B, C)`` case on
+    ``(N, C)`` rows.
     """
 
     inputs = ("logits", "labels")
@@ -76,20 +84,16 @@ class SoftmaxCrossEntropy(Loss):
 
     def __init__(self) -> None:
         super().__init__()
-        self._starts = np.arange(0)  # cached b*C for b = 0..B-1: where each row starts
+        self._starts = np.arange(0)  # cached n*C for n = 0..N-1: where each row starts
         self._ones = np.ones(0)  # cached C ones: row sums as one matrix-vector product
-        self._batch_ones = np.ones(0)  # cached B ones: the batch sum as one dot product
+        self._batch_ones = np.ones(0)  # cached N ones: the sum over rows as one dot product
 
     def _check(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        if logits.ndim != 2:
-            raise ValueError(
-                f"SoftmaxCrossEntropy: logits must have shape (B, C), got {logits.shape}"
-            )
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"SoftmaxCrossEntropy: labels have shape {labels.shape}, expected "
-                f"({logits.shape[0]},) for logits of shape {logits.shape}"
-            )
+        if logits.ndim != 2 or labels.ndim != 1:
+            self._check_shapes(logits, labels)
+            labels = labels.reshape(-1)  # the range check below reads one axis
+        elif labels.shape[0] != logits.shape[0]:
+            self._check_shapes(logits, labels)
         C = logits.shape[1]
         if not labels.size:
             return
@@ -108,19 +112,39 @@ class SoftmaxCrossEntropy(Loss):
             bad = labels[(labels < 0) | (labels >= C)]
             raise ValueError(
                 f"SoftmaxCrossEntropy: labels must lie in 0..{C - 1} for logits of shape "
-                f"{logits.shape}; got {bad[:5].tolist()}"
+                f"{logits.shape} (classes on axis 1); got {bad[:5].tolist()}"
+            )
+
+    def _check_shapes(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        """A ``ValueError`` unless logits are ``(B, C, *D)`` and labels ``(B, *D)``."""
+        if logits.ndim < 2:
+            raise ValueError(
+                f"SoftmaxCrossEntropy: logits must have shape (B, C), got {logits.shape} "
+                f"(with labels of shape {labels.shape}); (B, C, d1, ...), the classes on "
+                f"axis 1, is accepted too"
+            )
+        expected = logits.shape[:1] + logits.shape[2:]
+        if labels.shape != expected:
+            raise ValueError(
+                f"SoftmaxCrossEntropy: labels have shape {labels.shape}, expected {expected} "
+                f"for logits of shape {logits.shape}: one label per example"
+                + (" and position" if logits.ndim > 2 else "")
+                + " (the class axis 1 of the logits removed)"
             )
 
     def _forward(self, op: OperatingPoint, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        B, C = logits.shape
+        if logits.ndim != 2:  # (B, C, *D): one row of C scores per labelled position
+            logits = np.moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
+            labels = labels.reshape(-1)
+        N, C = logits.shape
         starts = self._starts
-        if starts.shape[0] != B or (B > 1 and starts[1] != C):
-            starts = self._starts = np.arange(0, B * C, C, dtype=np.intp)
+        if starts.shape[0] != N or (N > 1 and starts[1] != C):
+            starts = self._starts = np.arange(0, N * C, C, dtype=np.intp)
         ones = self._ones
         if ones.shape[0] != C or ones.dtype != logits.dtype:
             ones = self._ones = np.ones(C, dtype=logits.dtype)
-        # Each row's maximum m_b. With few classes, numpy reduces a transposed copy
-        # (C rows of B) about twice as fast as the B short rows.
+        # Each row's maximum m_n. With few classes, numpy reduces a transposed copy
+        # (C rows of N) about twice as fast as the N short rows.
         # (np.maximum.reduce is .max() without its Python wrapper.)
         if C <= 64:
             m = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0)
@@ -129,26 +153,31 @@ class SoftmaxCrossEntropy(Loss):
         p = logits - m[:, None]  # shifted logits, every entry <= 0
         if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
             labels = labels.astype(np.intp)
-        flat = starts + labels  # the index of z_{b, y_b} in the flattened logits
+        flat = starts + labels  # the index of z_{n, y_n} in the flattened rows
         picked = p.ravel()[flat]
         np.exp(p, out=p)
-        total = p @ ones  # Σ_c e^{z_bc - m_b}, each >= 1
+        total = p @ ones  # Σ_c e^{z_nc - m_n}, each >= 1
         p /= total[:, None]  # softmax(z), kept for backward
         op.saved["p"] = p
         op.saved["flat"] = flat
-        # J = mean_b (log Σ_c e^{z_bc - m_b} - (z_{b,y_b} - m_b))
+        # J = mean_n (log Σ_c e^{z_nc - m_n} - (z_{n,y_n} - m_n))
         lse = np.log(total)
         lse -= picked
         batch_ones = self._batch_ones
-        if batch_ones.shape[0] != B or batch_ones.dtype != logits.dtype:
-            batch_ones = self._batch_ones = np.ones(B, dtype=logits.dtype)
-        return np.asarray(np.dot(lse, batch_ones) / B, dtype=logits.dtype)
+        if batch_ones.shape[0] != N or batch_ones.dtype != logits.dtype:
+            batch_ones = self._batch_ones = np.ones(N, dtype=logits.dtype)
+        return np.asarray(np.dot(lse, batch_ones) / N, dtype=logits.dtype)
 
     def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
-        """``scale · ∂J/∂z = scale · (softmax(z) - onehot(y)) / B`` (a new array)."""
+        """``scale · ∂J/∂z = scale · (softmax(z) - onehot(y)) / N`` in the logits' shape
+        (a new array)."""
         e = op.saved["p"].copy()
         e.ravel()[op.saved["flat"]] -= 1  # e is a fresh C-contiguous array: ravel is a view
         e *= scale / e.shape[0]
+        shape = op.x_in[0].shape
+        if len(shape) != 2:  # rows (N, C) back to (B, C, *D)
+            e = np.moveaxis(e.reshape(*shape[:1], *shape[2:], shape[1]), -1, 1)
+            e = np.ascontiguousarray(e)
         return e
 
     def _backward(
@@ -160,4 +189,5 @@ class SoftmaxCrossEntropy(Loss):
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         e = self._error(op)
-        return (Dense(e[:, None, :], "(softmax(z) - onehot(y))/B"), None), {}
+        row = e.reshape(e.shape[0], 1, -1)
+        return (Dense(row, "(softmax(z) - onehot(y))/N"), None), {}

@@ -1,11 +1,11 @@
-"""Layers that shape the graph (chapter 14.7): merge, branch, add, multiply, reshape.
+"""Layers that shape the graph (chapter 14.7): merge, branch, add, multiply.
 
-Also the small pieces that worked examples need as graph nodes: a constant, a
-scalar scale (learnable or fixed), a constant shift and a sum over features.
-
-Only ``Scale`` has a parameter. The Jacobians are selections, stacks of
-identities, diagonals and rows of ones, so the backward passes are slicing,
-summing and elementwise products.
+None has a parameter. The Jacobians are selections, stacks of identities and
+diagonals, so the backward passes are slicing, summing and elementwise
+products. ``Reshape`` and ``Flatten`` live in ``backprop.layers.shape`` (with
+``Transpose``) and are importable from here too; the small pieces for worked
+examples (``Constant``, ``Scale``, ``Shift``, ``SumEntries``) live in
+``backprop.layers.worked``.
 """
 
 from __future__ import annotations
@@ -13,38 +13,53 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
-from backprop.jacobian import Dense, Diagonal, Identity, Jacobian, Selection, Tile
-from backprop.layer import Layer, OperatingPoint, Parameter, _owned, check_float
+from backprop.jacobian import Diagonal, Identity, Jacobian, Selection, Sparse, Tile
+from backprop.layer import Layer, OperatingPoint, _owned, check_float
+from backprop.layers.shape import Flatten, Reshape, _read_only
 
-
-def _read_only(g: np.ndarray) -> np.ndarray:
-    """A read-only view of ``g``: a gradient passed on unchanged (or reshaped, or
-    sliced) cannot be edited by whoever receives it, so neither can the array it
-    came from."""
-    v = g.view()
-    v.setflags(write=False)
-    return v
+__all__ = ["Add", "Branch", "Flatten", "Merge", "Multiply", "Reshape"]
 
 
 class Merge(Layer):
-    """Concatenation of any number of inputs along the feature axis (eq. 14.37).
+    """Concatenation of any number of inputs (eq. 14.37).
 
-    Inputs ``(B, *shape_i)`` of any shapes give ``x_out`` of shape
-    ``(B, Σ_i |shape_i|)``: each example's entries, flattened, one input after
-    the other. The Jacobian for input ``i`` selects its block: ``[I; 0]`` for
-    the first of two inputs and ``[0; I]`` for the second (eq. 14.41), so
-    ``g_in^i`` is the matching slice of ``g_out``.
+    ``Merge()`` (``axis=None``) flattens each example and concatenates: inputs
+    ``(B, *shape_i)`` of any shapes give ``x_out`` of shape ``(B, Σ_i |shape_i|)``,
+    one input's entries after the other. The Jacobian for input ``i`` selects its
+    block: ``[I; 0]`` for the first of two inputs and ``[0; I]`` for the second
+    (eq. 14.41), so ``g_in^i`` is the matching slice of ``g_out``.
+
+    ``Merge(axis=k)`` concatenates the batch tensors along axis ``k`` instead, as
+    ``torch.cat(dim=k)``: ``axis=1`` stacks the channels of ``(B, C_i, H, W)``
+    inputs (a U-Net skip), ``axis=-1`` the features of ``(B, T, d_i)``. Negative
+    axes count from the end; the batch axis 0 cannot be merged. The inputs agree
+    on every other axis. ``L^x`` for input ``i`` is still a 0-1 selection: a
+    ``Selection`` when its block is contiguous in the per-example flattening
+    (every axis before ``k`` has size 1, as for ``axis=1``), else a ``Sparse``
+    matrix shared by the batch. ``g_in^i`` is ``g_out`` sliced along ``k``.
 
     ``Merge()`` takes as many inputs as it is given (in a Graph, the handles
     passed to ``add``); ``Merge(n)`` insists on exactly ``n``.
     """
 
-    def __init__(self, n: int | None = None) -> None:
+    def __init__(self, n: int | None = None, *, axis: int | None = None) -> None:
         super().__init__()
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"Merge: n must be a positive integer, got {n!r}")
+        if axis is not None:
+            if not isinstance(axis, int | np.integer) or isinstance(axis, bool):
+                raise TypeError(f"Merge: axis must be an integer or None, got {axis!r}")
+            if axis == 0:
+                raise ValueError(
+                    "Merge: axis=0 is the batch axis, which cannot be concatenated (every "
+                    "input holds the same B examples); use axis=1 for channels, or "
+                    "axis=None to flatten and concatenate each example"
+                )
+            axis = int(axis)
         self.n = n
+        self.axis = axis
         self.variadic = n is None
         self.inputs = _merge_inputs(2 if n is None else n)
 
@@ -67,12 +82,41 @@ class Merge(Layer):
             self.inputs = before  # a failed call changes nothing
             raise
 
+    def _check(self, *x_in: np.ndarray) -> None:
+        if self.axis is None:
+            return
+        shapes = ", ".join(str(x.shape) for x in x_in)
+        ndim = x_in[0].ndim
+        if any(x.ndim != ndim for x in x_in):
+            raise ValueError(
+                f"{self!r}: inputs have shapes {shapes}; concatenating along an axis needs "
+                f"inputs with the same number of axes"
+            )
+        if not -ndim <= self.axis < ndim or self.axis % ndim == 0:
+            raise ValueError(
+                f"{self!r}: axis {self.axis} is not an axis of the examples of inputs with "
+                f"shapes {shapes}: it must lie in 1..{ndim - 1} or -{ndim - 1}..-1 (axis 0 "
+                f"is the batch)"
+            )
+        k = self.axis % ndim
+        rest = [x.shape[:k] + x.shape[k + 1 :] for x in x_in]
+        if any(r != rest[0] for r in rest):
+            raise ValueError(
+                f"{self!r}: inputs have shapes {shapes}; they must agree on every axis but axis {k}"
+            )
+
     def _forward(self, op: OperatingPoint, *x_in: np.ndarray) -> np.ndarray:
+        if self.axis is not None:
+            return np.concatenate(x_in, axis=self.axis)
         B = x_in[0].shape[0]
         return np.concatenate([x.reshape(B, -1) for x in x_in], axis=1)
 
     def _blocks(self, op: OperatingPoint) -> list[tuple[int, int]]:
-        sizes = [int(np.prod(x.shape[1:], dtype=np.int64)) for x in op.x_in]
+        """``(start, size)`` of each input's block along the merged axis of ``x_out``."""
+        if self.axis is None:
+            sizes = [int(np.prod(x.shape[1:], dtype=np.int64)) for x in op.x_in]
+        else:
+            sizes = [x.shape[self.axis] for x in op.x_in]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
         return list(zip(starts, sizes, strict=True))
 
@@ -81,6 +125,13 @@ class Merge(Layer):
     ) -> tuple[Any, dict[str, np.ndarray]]:
         if not input_grad:
             return (None,) * len(op.x_in), {}
+        if self.axis is not None:
+            before = (slice(None),) * (self.axis % g_out.ndim)
+            g_in = tuple(
+                _read_only(g_out[before + (slice(start, start + size),)])
+                for start, size in self._blocks(op)
+            )
+            return g_in, {}
         g_in = tuple(
             _read_only(g_out[:, start : start + size].reshape(x.shape))
             for (start, size), x in zip(self._blocks(op), op.x_in, strict=True)
@@ -88,12 +139,27 @@ class Merge(Layer):
         return g_in, {}
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
-        B, m = op.x_out.shape
-        dtype = op.x_out.dtype
-        return tuple(Selection(m, start, size, B, dtype) for start, size in self._blocks(op)), {}
+        x_out = op.x_out
+        B, m, dtype = x_out.shape[0], int(x_out[0].size), x_out.dtype
+        blocks = self._blocks(op)
+        if self.axis is None:
+            return tuple(Selection(m, start, size, B, dtype) for start, size in blocks), {}
+        k = self.axis % x_out.ndim
+        inner = int(np.prod(x_out.shape[k + 1 :], dtype=np.int64))  # entries per slice along k
+        if int(np.prod(x_out.shape[1:k], dtype=np.int64)) == 1:  # each block is contiguous
+            return tuple(Selection(m, s * inner, n * inner, B, dtype) for s, n in blocks), {}
+        index = np.arange(m).reshape(x_out.shape[1:])  # where each output entry sits
+        L_x = []
+        for start, size in blocks:
+            rows = index[(slice(None),) * (k - 1) + (slice(start, start + size),)].ravel()
+            n = rows.size
+            S = sp.csr_array((np.ones(n, dtype=dtype), (rows, np.arange(n))), shape=(m, n))
+            L_x.append(Sparse(S, B, f"entries {start}..{start + size - 1} of axis {k}"))
+        return tuple(L_x), {}
 
     def __repr__(self) -> str:
-        return f"Merge({len(self.inputs)})"
+        axis = "" if self.axis is None else f", axis={self.axis}"
+        return f"Merge({len(self.inputs)}{axis})"
 
 
 def _merge_inputs(n: int) -> tuple[str, ...]:
@@ -236,202 +302,3 @@ class Multiply(Layer):
         x_a, x_b = op.x_in
         B = x_a.shape[0]
         return (Diagonal(x_b.reshape(B, -1), "x_b"), Diagonal(x_a.reshape(B, -1), "x_a")), {}
-
-
-class Reshape(Layer):
-    """Gives each example the shape ``shape`` (one entry may be -1); ``L^x = I``."""
-
-    def __init__(self, *shape: int) -> None:
-        super().__init__()
-        if len(shape) == 1 and isinstance(shape[0], tuple | list):
-            shape = tuple(shape[0])
-        self.shape = tuple(int(s) for s in shape)
-        if self.shape.count(-1) > 1 or any(s < -1 or s == 0 for s in self.shape):
-            raise ValueError(
-                f"Reshape: each entry of the shape must be a positive size, and at most one "
-                f"may be -1 (inferred); got {self.shape}"
-            )
-
-    def _check(self, x_in: np.ndarray) -> None:
-        size = int(np.prod(x_in.shape[1:], dtype=np.int64))
-        known = int(np.prod([s for s in self.shape if s != -1], dtype=np.int64))
-        fits = size % known == 0 if -1 in self.shape and known else size == known
-        if not fits:
-            raise ValueError(
-                f"{self!r}: cannot reshape input of shape {x_in.shape} to (B, "
-                f"{', '.join(map(str, self.shape))}): {size} entries per example"
-            )
-
-    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
-        return x_in.reshape(x_in.shape[0], *self.shape)
-
-    def _backward(
-        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (_read_only(g_out.reshape(op.x_in[0].shape)) if input_grad else None), {}
-
-    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
-        x = op.x_in[0]
-        return Identity(int(x[0].size), x.shape[0], x.dtype), {}
-
-    def __repr__(self) -> str:
-        return f"Reshape{self.shape}"
-
-
-class Flatten(Reshape):
-    """Flattens each example to a vector: ``(B, *shape) -> (B, |shape|)``."""
-
-    def __init__(self) -> None:
-        super().__init__(-1)
-
-    def __repr__(self) -> str:
-        return "Flatten()"
-
-
-# -- small pieces for writing worked examples as graphs --------------------------
-
-
-class Constant(Layer):
-    """A node with no input whose output is a fixed batch ``value`` (shape ``(B, ...)``).
-
-    It is a source of the graph, like an input that is never fed: ``L = 10 - d``
-    is ``Add()(Constant([[10.0]]), Scale(-1.0, learnable=False)(d))``. It has no
-    parameters and sends no gradient anywhere.
-    """
-
-    inputs: tuple[str, ...] = ()
-
-    def __init__(self, value: Any) -> None:
-        super().__init__()
-        x = check_float("Constant", "value", np.array(value, copy=True))
-        if x.ndim == 0:
-            raise ValueError(
-                "Constant: value is a scalar; give it a batch axis, e.g. Constant([[10.0]]) "
-                "for one example with one feature"
-            )
-        x.flags.writeable = False
-        self.value = x
-
-    def _forward(self, op: OperatingPoint) -> np.ndarray:
-        return self.value
-
-    def _backward(
-        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (), {}
-
-    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
-        return (), {}
-
-    def __repr__(self) -> str:
-        return f"Constant{self.value.shape}"
-
-
-class Scale(Layer):
-    """``x_out = a · x_in`` with one scalar ``a``, learnable by default.
-
-    Shapes: ``x_in`` and ``x_out`` are ``(B, *shape)``; ``a`` is a 0-d
-    Parameter (``params["a"]``), or a fixed Python float when
-    ``learnable=False``. Per example ``L^x = a I`` and ``L^a = vec(x_in)``, a
-    column of ``|x_in|`` rows, so ``dJ/da = Σ_b g_out,b · x_in,b``. Passing one
-    Parameter ``a`` to several Scale layers ties them (eq. 14.47).
-    """
-
-    def __init__(self, a: Any = 1.0, *, learnable: bool = True, dtype: Any = np.float64) -> None:
-        super().__init__()
-        if isinstance(a, Parameter):
-            if not learnable:
-                raise ValueError("Scale: a is a Parameter but learnable=False")
-            if a.shape != ():
-                raise ValueError(f"Scale: a must be a 0-d Parameter, got shape {a.shape}")
-            self.params["a"] = a
-            self.a: float | None = None
-        elif learnable:
-            if np.ndim(a) != 0:
-                raise ValueError(f"Scale: a must be a scalar, got shape {np.shape(a)}")
-            self.params["a"] = Parameter(np.asarray(a, dtype=dtype))
-            self.a = None
-        else:
-            self.a = float(a)
-
-    def _factor(self, op: OperatingPoint) -> Any:
-        return op.theta["a"] if self.a is None else self.a
-
-    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
-        return x_in * self._factor(op)
-
-    def _backward(
-        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        a = self._factor(op)
-        grads = {} if self.a is not None else {"a": np.asarray(np.vdot(g_out, op.x_in[0]))}
-        return (g_out * a if input_grad else None), grads
-
-    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
-        x = op.x_in[0]
-        B = x.shape[0]
-        d = np.full((B, x[0].size), self._factor(op), dtype=x.dtype)
-        L_theta: dict[str, Jacobian] = {}
-        if self.a is None:
-            L_theta["a"] = Dense(x.reshape(B, -1, 1), "vec(x_in)")
-        return Diagonal(d, "a I"), L_theta
-
-    def __repr__(self) -> str:
-        if self.a is not None:
-            return f"Scale({self.a:g}, learnable=False)"
-        return f"Scale(a={float(self.params['a'].value):g})"
-
-
-class Shift(Layer):
-    """``x_out = x_in + c`` for a fixed constant ``c`` (a float, or one example's shape).
-
-    ``L^x = I``; no parameters.
-    """
-
-    def __init__(self, c: Any) -> None:
-        super().__init__()
-        self.c = float(c) if np.ndim(c) == 0 else np.array(c, dtype=np.float64)
-
-    def _check(self, x_in: np.ndarray) -> None:
-        if isinstance(self.c, np.ndarray) and x_in.shape[1:] != self.c.shape:
-            self.expect_features("x_in", x_in, self.c.shape)
-
-    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
-        c = self.c.astype(x_in.dtype) if isinstance(self.c, np.ndarray) else self.c
-        return x_in + c
-
-    def _backward(
-        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        return (_read_only(g_out) if input_grad else None), {}
-
-    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
-        x = op.x_in[0]
-        return Identity(int(x[0].size), x.shape[0], x.dtype), {}
-
-    def __repr__(self) -> str:
-        c = f"{self.c:g}" if isinstance(self.c, float) else f"array{self.c.shape}"
-        return f"Shift({c})"
-
-
-class Sum(Layer):
-    """The sum of each example's entries: ``(B, *shape) -> (B, 1)``.
-
-    Per example ``L^x`` is the row of ones ``[1 ... 1]`` (``1 × |x_in|``), so
-    ``g_in`` repeats each example's ``g_out`` over its entries.
-    """
-
-    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
-        return x_in.reshape(x_in.shape[0], -1).sum(axis=1, keepdims=True)
-
-    def _backward(
-        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
-    ) -> tuple[Any, dict[str, np.ndarray]]:
-        if not input_grad:
-            return None, {}
-        x = op.x_in[0]
-        return np.broadcast_to(g_out.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape).copy(), {}
-
-    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
-        x = op.x_in[0]
-        return Dense(np.ones((1, x[0].size), dtype=x.dtype), "[1 ... 1]", batch=x.shape[0]), {}
