@@ -501,6 +501,8 @@ class Loss(Layer):
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             return _ONE[op.x_out.dtype]
+        if type(g_out) is np.ndarray and g_out.shape == () and g_out.dtype == op.x_out.dtype:
+            return g_out  # the common case: a seed from the executor
         if isinstance(g_out, int | float):  # a Python number takes the loss's dtype
             return np.asarray(g_out, dtype=op.x_out.dtype)
         g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)

@@ -80,7 +80,7 @@ def jacobians(graph: Graph, output: str | None, order: str) -> Jacobians:
         raise ValueError(f"{where}: order must be one of {ORDERS}, got {order!r}")
     src = _output_source(graph, output, where)
     B = graph.batch_size
-    dtype = graph._dtypes[src]
+    dtype = graph._dtype(src)
     M = _entries(graph, src)
     wanted = [n.name for i, n in enumerate(graph._nodes) if n.kind == "input" and graph._needs[i]]
     sizes = {n: _entries(graph, (graph._names[n], 0)) for n in wanted}
@@ -95,7 +95,7 @@ def jacobians(graph: Graph, output: str | None, order: str) -> Jacobians:
         port = graph._outputs.index(src)
         for name in wanted:
             seed: dict[str, Jacobian] = {
-                name: Identity(sizes[name], B, graph._dtypes[(graph._names[name], 0)])
+                name: Identity(sizes[name], B, graph._dtype((graph._names[name], 0)))
             }
             J = forward(graph, seed, None, cache)[port]
             if J is not None:
@@ -132,7 +132,7 @@ def _output_source(graph: Graph, output: str | None, where: str) -> tuple[int, i
 
 def _entries(graph: Graph, src: tuple[int, int]) -> int:
     """Entries of one example of value ``src`` (all of it when it has no batch axis)."""
-    shape = graph._shapes[src]
+    shape = graph._shape(src)
     if not shape:
         return 1
     if not graph._info(src[0]).batched[src[1]]:

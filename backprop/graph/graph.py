@@ -68,9 +68,10 @@ class Graph:
         self.training = True
         # set by forward
         self._state: str | None = None  # None, "cached" or "uncached"
-        self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
-        self._dtypes: dict[tuple[int, int], np.dtype[Any]] = {}
+        self._values: list[Any] = []  # by slot: each value of the last forward
+        self._meta: list[Any] = []  # by slot, after cache=False: (shape, dtype) of a let-go value
         self._needs: list[bool] = []
+        self._wanted: tuple[bool, ...] = ()  # which inputs got float data needing a gradient
         self._tokens: list[Any] = []
         self._forward_id = 0
 
@@ -177,6 +178,25 @@ class Graph:
         self._outputs = srcs
         self._frozen = True
         self._has_params = [bool(node_params(n.layer)) for n in self._nodes]
+        # What every forward and backward reads, fixed with the structure: a slot for
+        # each value, and each node's step (its index, its input slots, its output slots).
+        values = [(i, k) for i, n in enumerate(self._nodes) for k in range(n.n_out)]
+        self._slots = {src: slot for slot, src in enumerate(values)}
+        self._steps = [
+            (
+                i,
+                self._nodes[i],
+                tuple(self._slots[src] for src in self._nodes[i].inputs),
+                tuple(self._slots[(i, k)] for k in range(self._nodes[i].n_out)),
+            )
+            for i in self._order
+        ]
+        self._inputs = [i for i, n in enumerate(self._nodes) if n.kind == "input"]
+        self._input_list = [self._nodes[i].name for i in self._inputs]
+        self._layers = [n.layer for n in self._nodes if isinstance(n.layer, Layer)]
+        self._nested = [n.layer for n in self._nodes if _is_graph(n.layer)]
+        self._needs_by_inputs: dict[tuple[bool, ...], list[bool]] = {}
+        self._plans: dict[tuple[bool, ...], list[tuple[Any, ...]]] = {}
         named = self.named_parameters()
         self._parameters = list(named.values())
         for pname, p in named.items():
@@ -237,7 +257,9 @@ class Graph:
         return result[0] if len(result) == 1 else result
 
     def _check_names(self, given: Mapping[str, Any]) -> None:
-        declared = self.input_names()
+        declared = self._input_list
+        if len(given) == len(declared) and all(n in given for n in declared):
+            return
         missing = [n for n in declared if n not in given]
         unknown = [
             n for n in given if n not in self._names or self._nodes[self._names[n]].kind != "input"
@@ -291,7 +313,8 @@ class Graph:
             raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
         self._require_outputs("backward")
         self._require_cached()
-        return run.backward(self, self.seeds(seed), mode, per_example, input_grad)
+        seeds = run.seeds(self, seed, where)
+        return run.backward(self, seeds, mode, per_example, input_grad)
 
     def evaluate(self, value: str, inputs: Mapping[str, Any] | None = None, **named: Any) -> Any:
         """The value named ``value`` (a node, or ``"node:k"``) from the inputs it needs.
@@ -334,29 +357,53 @@ class Graph:
 
     # -- state: snapshots for a failed forward, tokens for a stale backward ---------------
     def _current_tokens(self) -> list[Any]:
-        return [
-            None
-            if n.layer is None
-            else n.layer._op
-            if isinstance(n.layer, Layer)
-            else n.layer._forward_id
-            for n in self._nodes
-        ]
+        """What the last forward left in each layer (its operating point) and nested graph."""
+        return [layer._op for layer in self._layers] + [g._forward_id for g in self._nested]
 
     def _snapshot(self) -> tuple[Any, ...]:
-        own = (self._state, self._shapes, self._dtypes, self._needs, self._tokens, self._forward_id)
-        per_node = [n.layer._op if isinstance(n.layer, Layer) else None for n in self._nodes]
-        nested = [(n.layer, n.layer._snapshot()) for n in self._nodes if _is_graph(n.layer)]
-        return own, per_node, nested
+        own: tuple[Any, ...] = (self._state, self._values, self._meta, self._needs)
+        own += (self._wanted, self._tokens, self._forward_id)
+        ops = [layer._op for layer in self._layers]
+        return own, ops, [(inner, inner._snapshot()) for inner in self._nested]
 
     def _restore(self, snapshot: tuple[Any, ...]) -> None:
-        own, per_node, nested = snapshot
-        (self._state, self._shapes, self._dtypes, self._needs, self._tokens, self._forward_id) = own
-        for node, op in zip(self._nodes, per_node, strict=True):
-            if isinstance(node.layer, Layer):
-                node.layer._op = op
+        own, ops, nested = snapshot
+        (self._state, self._values, self._meta, self._needs, self._wanted, self._tokens) = own[:6]
+        self._forward_id = own[6]
+        for layer, op in zip(self._layers, ops, strict=True):
+            layer._op = op
         for inner, saved in nested:
             inner._restore(saved)
+
+    def _backward_plan(self, wanted: tuple[bool, ...]) -> list[tuple[Any, ...]]:
+        """The steps backward takes, in reverse order, when input ``k`` wants a gradient
+        iff ``wanted[k]``: ``(index, node, layer, input slots, output slots, which inputs
+        need a gradient, whether any does)`` for every node that needs one."""
+        plan = self._plans.get(wanted)
+        if plan is None:
+            needs = self._needs_for(wanted)
+            plan = []
+            for i, node, ins, outs in reversed(self._steps):
+                if needs[i]:
+                    need_in = tuple(needs[j] for j, _ in node.inputs)
+                    plan.append((i, node, node.layer, ins, outs, need_in, any(need_in)))
+            self._plans[wanted] = plan
+        return plan
+
+    def _needs_for(self, wanted: tuple[bool, ...]) -> list[bool]:
+        """Which nodes backward visits when input ``k`` wants a gradient iff ``wanted[k]``:
+        those with parameters, or with such an input, below them."""
+        needs = self._needs_by_inputs.get(wanted)
+        if needs is None:
+            needs = [False] * len(self._nodes)
+            for i, want in zip(self._inputs, wanted, strict=True):
+                needs[i] = want
+            for i in self._order:
+                node = self._nodes[i]
+                if node.kind != "input":
+                    needs[i] = self._has_params[i] or any(needs[j] for j, _ in node.inputs)
+            self._needs_by_inputs[wanted] = needs
+        return needs
 
     def require_forward(self, what: str = "backward") -> None:
         """Raise a ``RuntimeError`` unless the operating point of the last cached
@@ -376,32 +423,48 @@ class Graph:
                 f"{where}: the last forward ran with cache=False, which keeps no operating "
                 f"point; run forward(..., cache=True) before {what}"
             )
-        if self._current_tokens() != self._tokens:
-            for i, (now, then) in enumerate(zip(self._current_tokens(), self._tokens, strict=True)):
-                if now is None and then is not None:
+        tokens = self._current_tokens()
+        if tokens != self._tokens:
+            owners = self._layers + self._nested
+            for owner, now, then in zip(owners, tokens, self._tokens, strict=True):
+                if now is then:
+                    continue
+                node = self._nodes[self._names[self._layer_ids[id(owner)]]]
+                i = self._nodes.index(node)
+                if now is None:
                     raise RuntimeError(
                         f"{where}: {self._where(i)} has no operating point (a forward with "
                         f"cache=False keeps none); call forward(...) first"
                     )
-                if now is not then:
-                    raise RuntimeError(
-                        f"{where}: {self._where(i)} was run outside this graph since its "
-                        f"forward, so its operating point is not this graph's; run the "
-                        f"graph's forward(...) again"
-                    )
+                raise RuntimeError(
+                    f"{where}: {self._where(i)} was run outside this graph since its "
+                    f"forward, so its operating point is not this graph's; run the "
+                    f"graph's forward(...) again"
+                )
 
-    def _needs_without_inputs(self) -> list[bool]:
-        """Which nodes ``backward(input_grad=False)`` visits: those with parameters below."""
-        needs = [False] * len(self._nodes)
-        for i in self._order:
-            node = self._nodes[i]
-            if node.kind != "input":
-                needs[i] = self._has_params[i] or any(needs[j] for j, _ in node.inputs)
-        return needs
+    def _value(self, src: tuple[int, int]) -> Any:
+        """Value ``src`` of the last cached forward."""
+        return self._values[self._slots[src]]
+
+    def _shape(self, src: tuple[int, int]) -> Any:
+        """The shape of value ``src`` at the last forward (None before any)."""
+        if not self._values:
+            return None
+        v = self._values[self._slots[src]]
+        return v.shape if v is not None else self._meta[self._slots[src]][0]
+
+    def _dtype(self, src: tuple[int, int]) -> Any:
+        """The dtype of value ``src`` at the last forward (None before any)."""
+        if not self._values:
+            return None
+        v = self._values[self._slots[src]]
+        return v.dtype if v is not None else self._meta[self._slots[src]][1]
 
     # -- introspection: what tools may read -------------------------------------------------
     def input_names(self) -> list[str]:
         """The input names, in the order they were declared."""
+        if self._frozen:
+            return list(self._input_list)
         return [n.name for n in self._nodes if n.kind == "input"]
 
     def output_names(self) -> list[str]:
@@ -416,11 +479,11 @@ class Graph:
     def batch_size(self) -> int:
         """``B`` of the last forward: the batch axis of the first input (or value)."""
         self._require_cached("batch_size")
-        for i in self._order:
-            shape = self._shapes.get((i, 0))
-            if self._nodes[i].kind == "input" and shape:
+        for i in self._inputs:
+            shape = self._shape((i, 0))
+            if shape:
                 return shape[0]
-        return next(s[0] for s in self._shapes.values() if s)
+        return next(s[0] for src in self._slots if (s := self._shape(src)))
 
     @property
     def reduces_batch(self) -> bool:
@@ -447,7 +510,7 @@ class Graph:
     def _info(self, i: int) -> NodeInfo:
         node = self._nodes[i]
         ports = range(node.n_out)
-        shapes = tuple(self._shapes.get((i, k)) for k in ports)
+        shapes = tuple(self._shape((i, k)) if self._frozen else None for k in ports)
         return NodeInfo(
             name=node.name,
             kind=node.kind,
@@ -459,7 +522,7 @@ class Graph:
             n_outputs=node.n_out,
             shapes=shapes,
             outputs=tuple(self._port_name((i, k)) for k in ports),
-            dtypes=tuple(self._dtypes.get((i, k)) for k in ports),
+            dtypes=tuple(self._dtype((i, k)) if self._frozen else None for k in ports),
             batched=tuple(
                 shapes[k] != () and (node.layer is None or not reduces_batch(node.layer, k))
                 for k in ports

@@ -33,6 +33,11 @@ MODES = ("fast", "explicit")
 
 _forward_ids = itertools.count(1)
 
+#: ``dJ/dJ = 1`` in each float dtype, read-only: the seed of a scalar cost.
+_ONE = {dtype: np.ones((), dtype=dtype) for dtype in FLOAT_DTYPES}
+for _one in _ONE.values():
+    _one.setflags(write=False)
+
 
 @dataclass(frozen=True)
 class Gradients:
@@ -78,38 +83,42 @@ class Gradients:
 def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]:
     """Evaluate every node in topological order; return the outputs' values.
 
-    A failed node leaves every node at its previous operating point.
+    Each value has a slot; with ``cache=False`` a value is let go once its one
+    consumer has read it (only its shape is kept). A failed node leaves every
+    node at its previous operating point.
     """
     snapshot = graph._snapshot()
-    nodes = graph._nodes
-    values: dict[tuple[int, int], Any] = {}
-    shapes: dict[tuple[int, int], tuple[int, ...]] = {}
-    dtypes: dict[tuple[int, int], np.dtype[Any]] = {}
-    needs = [False] * len(nodes)
+    values: list[Any] = [None] * len(graph._slots)
+    meta: list[Any] = [None] * len(graph._slots) if not cache else []
+    float_input: dict[int, bool] = {}
     try:
-        for i in graph._order:
-            node = nodes[i]
-            if node.kind == "input":
-                x = np.asarray(given[node.name])
-                values[(i, 0)] = x
-                shapes[(i, 0)], dtypes[(i, 0)] = x.shape, x.dtype
-                needs[i] = node.requires_grad and x.dtype in FLOAT_DTYPES
+        for i, node, ins, outs in graph._steps:
+            if node.layer is None:  # an input
+                x = values[outs[0]] = np.asarray(given[node.name])
+                float_input[i] = x.dtype in FLOAT_DTYPES
                 continue
-            args = [values.pop(src) for src in node.inputs]
+            args = [values[k] for k in ins]
+            if not cache:
+                for k in ins:
+                    meta[k], values[k] = (values[k].shape, values[k].dtype), None
             out = _run(graph, i, args, cache)
-            outs = out if node.multi else (out,)
-            for k, o in enumerate(outs):
-                values[(i, k)] = o
-                shapes[(i, k)], dtypes[(i, k)] = o.shape, o.dtype
-            needs[i] = graph._has_params[i] or any(needs[j] for j, _ in node.inputs)
+            if node.multi:
+                for k, o in zip(outs, out, strict=True):
+                    values[k] = o
+            else:
+                values[outs[0]] = out
+        # Which inputs want a gradient: float data that requires one.
+        wanted = tuple(graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs)
     except BaseException:
         graph._restore(snapshot)
         raise
-    graph._shapes, graph._dtypes, graph._needs = shapes, dtypes, needs
+    graph._values, graph._meta = values, meta
+    graph._wanted = wanted
+    graph._needs = graph._needs_for(wanted)
     graph._state = "cached" if cache else "uncached"
     graph._forward_id = next(_forward_ids)
     graph._tokens = graph._current_tokens() if cache else []
-    return tuple(values[src] for src in graph._outputs)
+    return tuple(values[graph._slots[src]] for src in graph._outputs)
 
 
 def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
@@ -175,6 +184,10 @@ def seeds(graph: Graph, seed: Any, where: str) -> list[np.ndarray | None]:
     """
     names = graph._output_names
     n = len(names)
+    if seed is None and n == 1:
+        cost = graph._value(graph._outputs[0])
+        if cost.shape == ():
+            return [_ONE[cost.dtype]]  # the common case: dJ/dJ = 1
     if n == 1 and isinstance(seed, tuple) and len(seed) == 1:
         seed = seed[0]
     if seed is None:
@@ -205,7 +218,7 @@ def seeds(graph: Graph, seed: Any, where: str) -> list[np.ndarray | None]:
 
 
 def _seed(graph: Graph, where: str, name: str, src: tuple[int, int], s: Any) -> np.ndarray:
-    shape, dtype = graph._shapes[src], graph._dtypes[src]
+    shape, dtype = graph._shape(src), graph._dtype(src)
     if s is None:
         if shape != ():
             raise ValueError(
@@ -235,61 +248,64 @@ def backward(
     input_grad: bool,
 ) -> Gradients:
     """The reverse pass from the outputs' seeds; see ``Graph.backward``."""
-    nodes, needs = graph._nodes, graph._needs
-    if not input_grad:
-        needs = graph._needs_without_inputs()
-    g: dict[tuple[int, int], Any] = {}
+    wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
+    g: list[Any] = [None] * len(graph._slots)  # dJ/d(value), by slot
     for src, s in zip(graph._outputs, seed_list, strict=True):
-        if s is not None:
-            g[src] = s
-    per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {}
+        g[graph._slots[src]] = s
+    uses: list[tuple[Parameter, str, np.ndarray]] = []
     grads_in: dict[str, np.ndarray] = {}
     step = _per_example_step if per_example else _STEPS[mode]
-    for i in reversed(graph._order):
-        if not needs[i]:
+    for i, node, layer, ins, outs, need_in, want in graph._backward_plan(wanted):
+        if layer is None:  # an input: its gradient is complete (chapter 14.9)
+            gi = g[outs[0]]
+            if gi is None:
+                gi = np.zeros(graph._shape((i, 0)), graph._dtype((i, 0)))
+            grads_in[node.name] = gi
             continue
-        node = nodes[i]
-        if node.kind == "input":
-            gi = g.pop((i, 0), None)
-            grads_in[node.name] = (
-                np.zeros(graph._shapes[(i, 0)], graph._dtypes[(i, 0)]) if gi is None else gi
-            )
-            continue
-        g_out = [g.pop((i, k), None) for k in range(node.n_out)]
-        if all(gk is None for gk in g_out):
-            continue
-        need_in = [needs[j] for j, _ in node.inputs]
-        layer = node.layer
-        if isinstance(layer, Layer):
-            g_in, layer_grads = step(layer, tuple(g_out) if node.multi else g_out[0], any(need_in))
-            for pname, grad in layer_grads.items():
-                per_use.setdefault(layer.params[pname], []).append((node.name, grad))
+        if node.multi:
+            g_out: Any = tuple(g[k] for k in outs)
+            if all(gk is None for gk in g_out):
+                continue
         else:
-            g_in = _nested_backward(layer, node.name, g_out, mode, per_example, per_use)
-        for src, gi, ni in zip(node.inputs, g_in, need_in, strict=True):
+            g_out = g[outs[0]]
+            if g_out is None:
+                continue
+        if isinstance(layer, Layer):
+            g_in, layer_grads = step(layer, g_out, want)
+            for pname, grad in layer_grads.items():
+                uses.append((layer.params[pname], node.name, grad))
+        else:
+            g_outs = list(g_out) if node.multi else [g_out]
+            g_in = _nested_backward(layer, node.name, g_outs, mode, per_example, uses)
+        for k, gi, ni in zip(ins, g_in, need_in, strict=True):
             if ni and gi is not None:
-                g[src] = gi
-    params = _totals(graph, per_use, per_example)
-    ordered = {n: grads_in[n] for n in graph.input_names() if n in grads_in}
-    return Gradients(ordered, params, {p: per_use.get(p, []) for p in params})
+                g[k] = gi
+    params, per_use = _totals(graph, uses, per_example)
+    ordered = {n: grads_in[n] for n in graph._input_list if n in grads_in}
+    return Gradients(ordered, params, per_use)
 
 
 def _totals(
-    graph: Graph, per_use: dict[Parameter, list[tuple[str, np.ndarray]]], per_example: bool
-) -> dict[Parameter, np.ndarray]:
-    """Each Parameter's gradient: the sum of its uses (eq. 14.47), zeros if none."""
+    graph: Graph, uses: list[tuple[Parameter, str, np.ndarray]], per_example: bool
+) -> tuple[dict[Parameter, np.ndarray], dict[Parameter, list[tuple[str, np.ndarray]]]]:
+    """Each Parameter's gradient, the sum of its uses (eq. 14.47; zeros if none), and
+    the terms of that sum."""
+    per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {}
+    total: dict[Parameter, np.ndarray] = {}
+    for p, name, grad in uses:
+        if p in total:
+            total[p] = total[p] + grad
+            per_use[p].append((name, grad))
+        else:
+            total[p], per_use[p] = grad, [(name, grad)]
     params: dict[Parameter, np.ndarray] = {}
     for p in graph._parameters:
-        terms = per_use.get(p)
-        if not terms:
+        if p not in total:
+            per_use[p] = []
             shape = (graph.batch_size, *p.shape) if per_example else p.shape
-            params[p] = np.zeros(shape, p.dtype)
-            continue
-        total = terms[0][1].copy() if len(terms) > 1 else terms[0][1]
-        for _, t in terms[1:]:
-            total += t
-        params[p] = total
-    return params
+            total[p] = np.zeros(shape, p.dtype)
+        params[p] = total[p]
+    return params, {p: per_use[p] for p in params}
 
 
 def _nested_backward(
@@ -298,18 +314,18 @@ def _nested_backward(
     g_out: list[Any],
     mode: str,
     per_example: bool,
-    per_use: dict[Parameter, list[tuple[str, np.ndarray]]],
+    uses: list[tuple[Parameter, str, np.ndarray]],
 ) -> tuple[Any, ...]:
     """A nested graph's backward, its uses named ``"outer/inner"``."""
     inner._require_cached()
     seed_list = [
-        np.zeros(inner._shapes[src], inner._dtypes[src]) if s is None else s
+        np.zeros(inner._shape(src), inner._dtype(src)) if s is None else s
         for s, src in zip(g_out, inner._outputs, strict=True)
     ]
     sub = backward(inner, seed_list, mode, per_example, True)
     for p, terms in sub.per_use.items():
         for use, grad in terms:
-            per_use.setdefault(p, []).append((f"{name}/{use}", grad))
+            uses.append((p, f"{name}/{use}", grad))
     return tuple(sub.inputs.get(n) for n in inner.input_names())
 
 

@@ -6,9 +6,9 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from backprop.graph import run
 from backprop.graph.chain import Jacobians
 from backprop.graph.graph import Graph
-from backprop.graph.run import Gradients
 from backprop.layer import Layer, Loss
 
 __all__ = ["Sequential"]
@@ -64,7 +64,7 @@ class Sequential(Graph):
         """
         if isinstance(x, Mapping) and not targets:
             return super().forward(x, cache=cache)
-        names = self.input_names()
+        names = self._input_list
         if len(targets) != len(names) - 1:
             last = self.layers[-1]
             need = ", ".join(last.inputs[1:]) or "nothing"
@@ -72,7 +72,9 @@ class Sequential(Graph):
                 f"Sequential.forward: the last layer {last!r} takes {need} after x; "
                 f"got {len(targets)} extra argument(s)"
             )
-        return super().forward(dict(zip(names, (x, *targets), strict=True)), cache=cache)
+        # The names are the chain's own, in order: nothing for Graph.forward to check.
+        out = run.forward(self, dict(zip(names, (x, *targets), strict=True)), cache)
+        return out if len(out) > 1 else out[0]
 
     def backward(
         self,
@@ -81,7 +83,7 @@ class Sequential(Graph):
         mode: str = "fast",
         input_grad: bool = True,
         per_example: bool = False,
-    ) -> Gradients:
+    ) -> run.Gradients:
         """Backward pass: ``g_{l-1} = g_l L^x_l`` and ``∂J/∂θ_l = g_l L^θ_l``.
 
         ``g_L`` is ``∂J/∂x_L`` (omit it when the last layer is a loss).
@@ -90,7 +92,7 @@ class Sequential(Graph):
         (see ``Graph.backward``).
         """
         if g_L is None and self._state == "cached":
-            shape = self._shapes[self._outputs[0]]
+            shape = self._shape(self._outputs[0])
             if shape != ():
                 raise TypeError(
                     f"Sequential.backward needs g_L = dJ/dx_L, shape {shape}: the last layer "
