@@ -8,7 +8,12 @@ zero ``g_out`` giving exactly zero gradients, no mutation of ``g_out``, no
 corruption by a caller mutating its inputs, float32 staying float32, shapes of
 the gradients and the Jacobians, and read-only outputs.
 
-Adding a layer to the library means adding one row here.
+Adding a layer to the library means adding one row here, and a test holds that:
+every ``Layer`` subclass that the library exports has a row (the abstract bases
+excepted). The layers of the backward network (``backprop.layers.backward``) hold
+constants frozen per example, so their rows build them at the row's batch size. Two
+layers defined below write only ``_forward`` and ``_jacobians``: their rows run the
+base ``Layer._backward``, which multiplies through the structured Jacobians.
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import backprop as bp
-from backprop.layer import Layer
+import backprop.layers.backward
+import backprop.layers.worked
+from backprop.jacobian import Dense, Diagonal, Identity, Jacobian, Kronecker, Sparse
+from backprop.layer import Layer, OperatingPoint
+from backprop.layers.backward import VJP, BatchSum, Gate, Slice, WeightGrad
 from backprop.layers.worked import Constant, Scale, Shift, SumEntries
 
 Arrays = tuple[np.ndarray, ...]
@@ -80,11 +90,77 @@ def g_like(rng: np.random.Generator, x_out: Any) -> Any:
     return rng.standard_normal(x_out.shape).astype(x_out.dtype)
 
 
+def frozen(seed: int, *shape: int) -> Callable[[Any], np.ndarray]:
+    """A constant of ``shape`` drawn from N(0, 1) with its own seed, in a given dtype:
+    the same numbers for every build of a row, so float32 and float64 builds agree."""
+
+    def draw(dtype: Any) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+    return draw
+
+
+def sparse_matrix(dtype: Any) -> sp.csr_array:
+    """A fixed ``3 × 5`` matrix with 7 stored entries (a shared ``Sparse`` Jacobian)."""
+    rows, cols = [0, 0, 1, 1, 2, 2, 2], [0, 3, 1, 4, 0, 2, 4]
+    values = [1.5, -0.5, 2.0, 0.25, -1.0, 0.75, 3.0]
+    return sp.csr_array((np.array(values, dtype=dtype), (rows, cols)), shape=(3, 5))
+
+
+# -- layers that write only ``_forward`` and ``_jacobians`` ------------------------------
+
+
+class CubeScale(Layer):
+    """``x_out = c ⊙ x_in³`` on ``(B, n)``, with a learnable ``c`` of shape ``(n,)``.
+
+    Per example ``L^x = diag(3 c ⊙ x_in²)`` and ``L^c = diag(x_in³)``. It writes no
+    ``_backward``: its gradients come from the base ``Layer._backward``.
+    """
+
+    def __init__(self, n: int, dtype: Any = np.float64) -> None:
+        super().__init__()
+        self.params["c"] = bp.Parameter(np.linspace(0.5, 1.5, n).astype(dtype))
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        return op.theta["c"] * x_in**3
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        x = op.x_in[0]
+        c = op.theta["c"]
+        return Diagonal(3 * c * x**2, "3c x²"), {"c": Diagonal(x**3, "x³")}
+
+
+class MatVecPlus(Layer):
+    """``x_out = A x_a + x_b`` for a fixed ``A`` (2 × 3): two inputs, no parameter.
+
+    Per example ``L^a = A`` and ``L^b = I``. It writes no ``_backward``: its input
+    gradients come from the base ``Layer._backward``.
+    """
+
+    inputs = ("x_a", "x_b")
+    A = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+
+    def _forward(self, op: OperatingPoint, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
+        return x_a @ self.A.T.astype(x_a.dtype) + x_b
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
+        x_a = op.x_in[0]
+        B = x_a.shape[0]
+        return (Dense(self.A.astype(x_a.dtype), "A", batch=B), Identity(2, B, x_a.dtype)), {}
+
+
+DEFAULT_BACKWARD = (CubeScale, MatVecPlus)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
-    make: Callable[[Any], Layer]  # dtype -> layer
+    make: Callable[..., Layer]  # dtype -> layer; (dtype, B) -> layer when ``batched``
     inputs: Callable[[np.random.Generator, int, Any], Arrays]  # rng, B, dtype -> inputs
+    batched: bool = False  # the layer holds constants per example: built for a batch size
+
+    def build(self, dtype: Any, B: int) -> Layer:
+        return self.make(dtype, B) if self.batched else self.make(dtype)
 
 
 CASES = [
@@ -120,6 +196,36 @@ CASES = [
     Case("Shift", lambda dt: Shift(np.arange(15.0).reshape(3, 5) / 7), normal(3, 5)),
     Case("Shift-scalar", lambda dt: Shift(0.5), normal(3)),
     Case("SumEntries", lambda dt: SumEntries(), normal(3, 5)),
+    # -- the backward network (backprop.layers.backward), built at the row's batch size --
+    Case("Gate", lambda dt, B: Gate(frozen(1, B, 2, 3)(dt)), normal(2, 3), batched=True),
+    Case("Slice", lambda dt: Slice(2, 6, (2, 2)), normal(7)),
+    Case("Slice-of-2d", lambda dt: Slice(1, 4), normal(2, 3)),
+    Case("VJP-dense", lambda dt, B: VJP(Dense(frozen(2, B, 2, 5)(dt)), (5,)), normal(2), True),
+    Case(
+        "VJP-shared-reshaped",
+        lambda dt, B: VJP(Dense(frozen(3, 2, 6)(dt), batch=B), (2, 3)),
+        normal(2),
+        batched=True,
+    ),
+    Case("VJP-sparse", lambda dt, B: VJP(Sparse(sparse_matrix(dt), B), (5,)), normal(3), True),
+    Case("VJP-identity", lambda dt, B: VJP(Identity(3, B, dt), (3,)), normal(3), batched=True),
+    Case(
+        "VJP-sum-kronecker",
+        lambda dt, B: VJP(Kronecker(2, frozen(4, B, 3)(dt)), (2, 3), sum_batch=True),
+        normal(2),
+        batched=True,
+    ),
+    Case(
+        "VJP-sum-dense",
+        lambda dt, B: VJP(Dense(frozen(5, B, 3, 4)(dt)), (2, 2), sum_batch=True),
+        normal(3),
+        batched=True,
+    ),
+    Case("WeightGrad", lambda dt, B: WeightGrad(frozen(6, B, 3)(dt)), normal(2), batched=True),
+    Case("BatchSum", lambda dt: BatchSum(), normal(2, 2)),
+    # -- the default backward: Layer._backward through the Jacobians (defined above) --
+    Case("CubeScale-default-backward", lambda dt: CubeScale(4, dt), normal(4)),
+    Case("MatVecPlus-default-backward", lambda dt: MatVecPlus(), several((3,), (2,))),
 ]
 
 BATCHES = [1, 4]
@@ -138,7 +244,7 @@ def batch(request: pytest.FixtureRequest) -> int:
 def setup(case: Case, B: int, dtype: Any = np.float64, seed: int = 0) -> tuple[Layer, Arrays, Any]:
     """The layer, its inputs, and a g_out for it (after one forward)."""
     rng = np.random.default_rng(seed)
-    layer = case.make(dtype)
+    layer = case.build(dtype, B)
     xs = case.inputs(rng, B, dtype)
     out = layer.forward(*xs)
     return layer, xs, g_like(rng, out)
@@ -157,13 +263,23 @@ def is_float(x: np.ndarray) -> bool:
     return bool(np.issubdtype(x.dtype, np.floating))
 
 
-def flat_rows(g: Any, B: int) -> np.ndarray:
+def flat_rows(g: Any, B: int, layer: Layer) -> np.ndarray:
     """``g_out`` as the ``(B, M)`` rows the Jacobians act on (outputs side by side)."""
     if isinstance(g, tuple):
         return np.concatenate([gi.reshape(B, -1) for gi in g], axis=1)
-    if g.ndim == 0:  # scalar cost: every example's row is the same seed
-        return np.full((B, 1), float(g))
+    if g.ndim == 0 or layer.reduces_batch:
+        # The output is a sum over the examples (a cost, a parameter gradient): every
+        # example's row is all of g_out.
+        return np.broadcast_to(g.reshape(1, -1), (B, max(g.size, 1))).copy()
     return g.reshape(B, -1)
+
+
+def example_0(out: Any, layer: Layer) -> np.ndarray:
+    """What example 0's Jacobian differentiates: its own output, or, for an output
+    that sums the examples (``reduces_batch``, a loss), the whole output."""
+    if isinstance(out, tuple):
+        return np.concatenate([o[0].ravel() for o in out])
+    return out.ravel() if out.ndim == 0 or layer.reduces_batch else out[0].ravel()
 
 
 def copy_g(g: Any) -> Any:
@@ -221,7 +337,7 @@ def test_branch_three_ways(batch: int) -> None:
     assert L_theta == {}
     explicit = L_x.block_diagonal().toarray()
     np.testing.assert_allclose(explicit, numeric, rtol=1e-7, atol=1e-8)
-    g_rows = flat_rows(g, batch)
+    g_rows = flat_rows(g, batch, layer)
     np.testing.assert_allclose(g_in.ravel(), g_rows.ravel() @ numeric, rtol=1e-7, atol=1e-8)
     np.testing.assert_allclose(g_in, L_x.vjp(g_rows), rtol=1e-15)
 
@@ -238,7 +354,7 @@ def test_dot_product(case: Case, batch: int) -> None:
     if is_source(layer):  # Constant: no Jacobian to multiply, no gradient to send
         assert (g_in, grads, L_x, L_theta) == ((), {}, (), {})
         return
-    v_rows = flat_rows(v, batch)
+    v_rows = flat_rows(v, batch, layer)
     checked = 0
     for x, L, g in zip(xs, as_tuple(L_x), as_tuple(g_in), strict=True):
         if not is_float(x):
@@ -368,18 +484,14 @@ def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
     and example 0's matrix equals the finite differences of example 0's output."""
     layer, xs, _ = setup(case, batch)
     out = layer.forward(*xs)
-    outs = as_tuple(out)
-    m = 1 if outs[0].ndim == 0 else sum(o[0].size for o in outs)
+    m = example_0(out, layer).size
     L_x, L_theta = layer.jacobians()
 
     def out0(*inputs: np.ndarray) -> np.ndarray:
-        o = case.make(np.float64)
+        o = case.build(np.float64, batch)
         for name, p in layer.params.items():
             o.params[name].value = p.value
-        res = o.forward(*inputs)
-        if isinstance(res, tuple):
-            return np.concatenate([r[0].ravel() for r in res])
-        return res if res.ndim == 0 else res[0].ravel()
+        return example_0(o.forward(*inputs), o)
 
     for i, (x, L) in enumerate(zip(xs, as_tuple(L_x), strict=True)):
         if not is_float(x):
@@ -403,10 +515,10 @@ def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
         original = p.value
 
         def f_theta(value: np.ndarray, name: str = name) -> np.ndarray:
-            o = case.make(np.float64)
+            o = case.build(np.float64, batch)
             for n, q in layer.params.items():
                 o.params[n].value = value if n == name else q.value
-            return o.forward(*xs)[0].ravel()
+            return example_0(o.forward(*xs), o)
 
         numeric = bp.numerical_jacobian(f_theta, original)
         np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
@@ -475,3 +587,85 @@ def test_worked_pieces_left_the_top_level_namespace() -> None:
         assert not hasattr(bp, name), name
     assert bp.Transpose is bp.layers.shape.Transpose
     assert bp.Reshape is bp.layers.structure.Reshape  # the old import path still works
+
+
+# -- the battery is authoritative: every exported layer has a row ------------------------
+
+#: Where the library exports layers: the top-level namespace, and the two modules whose
+#: layers stay out of it (the backward network, the worked-example pieces).
+EXPORTING_MODULES = (bp, backprop.layers.backward, backprop.layers.worked)
+
+#: Abstract bases, which compute nothing themselves: ``Layer`` is the protocol (its
+#: ``_jacobians`` raises NotImplementedError) and ``Loss`` only adds the seed
+#: ``dJ/dJ = 1``. Every concrete subclass of them needs a row.
+ABSTRACT_BASES = {"Layer", "Loss"}
+
+
+def exported_layers(modules: tuple[Any, ...] = EXPORTING_MODULES) -> set[type[Layer]]:
+    """Every concrete ``Layer`` subclass reachable as an attribute of ``modules``."""
+    found = set()
+    for module in modules:
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, Layer):
+                if obj.__name__ not in ABSTRACT_BASES:
+                    found.add(obj)
+    return found
+
+
+def missing_rows(layers: set[type[Layer]], cases: list[Case]) -> list[str]:
+    """The names of the classes in ``layers`` that no row of ``cases`` builds (exactly:
+    a row of a subclass does not cover its base)."""
+    covered = {type(case.build(np.float64, 1)) for case in cases}
+    return sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in layers - covered)
+
+
+def test_every_exported_layer_has_a_battery_row() -> None:
+    missing = missing_rows(exported_layers(), CASES)
+    assert not missing, (
+        f"no battery row for {', '.join(missing)}: add a row to CASES in tests/test_layers.py"
+    )
+
+
+def test_the_row_check_finds_a_missing_row() -> None:
+    # The check above can fail: without its rows, a class is reported, by its full name.
+    without_gate = [c for c in CASES if c.name != "Gate"]
+    assert missing_rows(exported_layers(), without_gate) == ["backprop.layers.backward.Gate"]
+    without_flatten = [c for c in CASES if c.name != "Flatten"]  # Reshape's row does not count
+    assert missing_rows(exported_layers(), without_flatten) == ["backprop.layers.shape.Flatten"]
+    found = exported_layers()
+    assert {bp.Linear, bp.Pointwise, Gate, VJP, WeightGrad, BatchSum, Constant, SumEntries} <= found
+    assert not {Layer, bp.Loss} & found
+
+
+@pytest.mark.parametrize("cls", DEFAULT_BACKWARD, ids=lambda c: c.__name__)
+def test_default_backward_rows_write_no_backward(cls: type[Layer]) -> None:
+    """The rows of these classes run the base ``Layer._backward``: neither the class nor
+    any base between it and ``Layer`` defines ``_backward``."""
+    assert cls._backward is Layer._backward
+    below_layer = cls.__mro__[: cls.__mro__.index(Layer)]
+    assert all("_backward" not in vars(k) for k in below_layer)
+    assert "_jacobians" in vars(cls) and "_forward" in vars(cls)
+    assert any(type(case.build(np.float64, 1)) is cls for case in CASES)
+
+
+def test_default_backward_values_by_hand() -> None:
+    # CubeScale: x_out = c x³, so g_in = 3 c x² g and dJ/dc = Σ_b g x³ (numpy here, not
+    # the library).
+    x = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0]])
+    g = np.array([[1.0, 2.0, -1.0, 0.5], [3.0, -1.0, 2.0, 1.0]])
+    c = np.linspace(0.5, 1.5, 4)
+    layer = CubeScale(4)
+    np.testing.assert_allclose(layer.forward(x), c * x**3, rtol=1e-15)
+    g_in, grads = layer.backward(g)
+    np.testing.assert_allclose(g_in, 3 * c * x**2 * g, rtol=1e-15)
+    np.testing.assert_allclose(grads["c"], (g * x**3).sum(axis=0), rtol=1e-15)
+    # MatVecPlus: x_out = A x_a + x_b, so g_a = g A and g_b = g.
+    A = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    x_a, x_b = x[:, :3], x[:, 2:]
+    two = MatVecPlus()
+    np.testing.assert_allclose(two.forward(x_a, x_b), x_a @ A.T + x_b, rtol=1e-15)
+    (g_a, g_b), grads = two.backward(g[:, :2])
+    np.testing.assert_allclose(g_a, g[:, :2] @ A, rtol=1e-15)
+    np.testing.assert_array_equal(g_b, g[:, :2])
+    assert grads == {}

@@ -4,17 +4,26 @@ Every number on the PyTorch side comes from torch itself (its layers, its
 autograd, its optimizers), fed the same input values and parameter values as
 the library; nothing the library computed is handed to torch except the
 starting values. The whole module is skipped when torch is not installed.
+
+``TORCH_ROWS`` holds one row per layer that torch can compute (every exported layer
+but ``Constant``, which is checked on hand-worked numbers): each is compared alone and
+as a model's only node, in the fast and the explicit backward modes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import backprop as bp
+from backprop.jacobian import Dense, Kronecker, Sparse
+from backprop.layers.backward import VJP, BatchSum, Gate, Slice, WeightGrad
+from backprop.layers.worked import Constant, Scale, Shift, SumEntries
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -367,6 +376,398 @@ def test_branch_in_a_graph(n: int) -> None:
         close(grads.params[lin.b], b.grad)
     close(grads.params[head.W], H[0].grad)
     close(grads.params[head.b], H[1].grad)
+
+
+# ------------------------------------------------------------ every layer, one table
+#
+# One row per layer of the library that PyTorch can compute: the library layer, its
+# inputs, and the same function written with torch (its layers, its functional API, or
+# tensor expressions for the worked pieces and the backward-network layers). Each row is
+# compared on the layer alone, then as the one node of a model (a Sequential when the
+# layer has one input and one output, else a Graph) in both backward modes: outputs,
+# input gradients and parameter gradients for a random g_out, at rtol 1e-10.
+
+
+@dataclass(frozen=True)
+class TorchRow:
+    name: str
+    make: Callable[[], bp.Layer]
+    inputs: Callable[[np.random.Generator], list[np.ndarray]]
+    #: (*input tensors, **parameter tensors by name) -> an output tensor, or a tuple
+    torch_fn: Callable[..., Any]
+
+
+def _normal(*shapes: tuple[int, ...]) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    return lambda rng: [rng.standard_normal(s) for s in shapes]
+
+
+def _kinked(shape: tuple[int, ...]) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    return lambda rng: [away_from_zero(2.0 * rng.standard_normal(shape))]
+
+
+def _logits(*shape: int) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    labels = shape[:1] + shape[2:]
+    return lambda rng: [2.0 * rng.standard_normal(shape), rng.integers(0, shape[1], size=labels)]
+
+
+def _const(seed: int, *shape: int) -> np.ndarray:
+    """A fixed array of the backward-network layers (the same numbers on both sides)."""
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+_B = 4  # the batch of every row
+_GATE_D = _const(1, _B, 2, 3)
+_VJP_A = _const(2, _B, 2, 5)  # one (2, 5) matrix per example
+_VJP_S = sp.csr_array(
+    ([1.5, -0.5, 2.0, 0.25, -1.0, 0.75, 3.0], ([0, 0, 1, 1, 2, 2, 2], [0, 3, 1, 4, 0, 2, 4])),
+    shape=(3, 5),
+)
+_VJP_X = _const(3, _B, 3)  # Kronecker(2, X): g ↦ Σ_b g_b ⊗ x_b
+_WG_X = _const(4, _B, 3)
+_SHIFT_C = np.arange(6.0).reshape(2, 3) / 7
+
+
+def _t(a: np.ndarray) -> Any:
+    return torch.tensor(np.array(a, dtype=np.float64))
+
+
+def _linear(x: Any, W: Any, b: Any) -> Any:
+    return F.linear(x, W, b)  # the library's parameter names, W and b, to torch's
+
+
+TORCH_ROWS = [
+    TorchRow("Linear", lambda: bp.Linear(5, 3, rng=1), _normal((_B, 5)), _linear),
+    TorchRow(
+        "Linear-nobias",
+        lambda: bp.Linear(5, 3, bias=False, rng=2),
+        _normal((_B, 5)),
+        lambda x, W: F.linear(x, W),
+    ),
+    TorchRow("Linear-tokens", lambda: bp.Linear(4, 2, rng=3), _normal((_B, 3, 4)), _linear),
+    TorchRow("ReLU", bp.ReLU, _kinked((_B, 5)), F.relu),
+    TorchRow(
+        "LeakyReLU", lambda: bp.LeakyReLU(0.2), _kinked((_B, 5)), lambda x: F.leaky_relu(x, 0.2)
+    ),
+    TorchRow("Sigmoid", bp.Sigmoid, _normal((_B, 2, 3)), torch.sigmoid),
+    TorchRow("Tanh", bp.Tanh, _normal((_B, 5)), torch.tanh),
+    TorchRow("Softplus", bp.Softplus, _normal((_B, 5)), F.softplus),
+    TorchRow("Pointwise-sin", lambda: bp.Pointwise(np.sin, np.cos), _normal((_B, 5)), torch.sin),
+    TorchRow(
+        "L2Loss",
+        bp.L2Loss,
+        _normal((_B, 3), (_B, 3)),
+        lambda y_hat, y: ((y_hat - y) ** 2).sum(1).mean(),
+    ),
+    TorchRow(
+        "L2Loss-3d",
+        bp.L2Loss,
+        _normal((_B, 2, 3), (_B, 2, 3)),
+        lambda y_hat, y: ((y_hat - y) ** 2).flatten(1).sum(1).mean(),
+    ),
+    TorchRow("SoftmaxCrossEntropy", bp.SoftmaxCrossEntropy, _logits(_B, 5), F.cross_entropy),
+    TorchRow("SoftmaxCE-BCd", bp.SoftmaxCrossEntropy, _logits(_B, 3, 2), F.cross_entropy),
+    TorchRow("Add", bp.Add, _normal((_B, 2, 3), (_B, 2, 3)), torch.add),
+    TorchRow("Multiply", bp.Multiply, _normal((_B, 2, 3), (_B, 2, 3)), torch.mul),
+    TorchRow(
+        "Merge-flatten",
+        bp.Merge,
+        _normal((_B, 2), (_B, 2, 3), (_B, 1)),
+        lambda *ts: torch.cat([t.flatten(1) for t in ts], dim=1),
+    ),
+    TorchRow(
+        "Merge-axis1",
+        lambda: bp.Merge(axis=1),
+        _normal((_B, 2, 3), (_B, 1, 3)),
+        lambda *ts: torch.cat(ts, dim=1),
+    ),
+    TorchRow(
+        "Branch",
+        lambda: bp.Branch(3),
+        _normal((_B, 4)),
+        lambda x: (x.clone(), x.clone(), x.clone()),
+    ),
+    TorchRow(
+        "Reshape",
+        lambda: bp.Reshape(3, 2),
+        _normal((_B, 2, 3)),
+        lambda x: x.reshape(x.shape[0], 3, 2),
+    ),
+    TorchRow("Flatten", bp.Flatten, _normal((_B, 2, 3)), lambda x: torch.flatten(x, 1)),
+    TorchRow(
+        "Transpose",
+        lambda: bp.Transpose((1, 0)),
+        _normal((_B, 3, 5)),
+        lambda x: x.permute(0, 2, 1),
+    ),
+    # -- the worked-example pieces: torch tensor expressions --
+    TorchRow("Scale", lambda: Scale(0.7), _normal((_B, 2, 3)), lambda x, a: a * x),
+    TorchRow(
+        "Scale-fixed",
+        lambda: Scale(-1.5, learnable=False),
+        _normal((_B, 5)),
+        lambda x: -1.5 * x,
+    ),
+    TorchRow("Shift", lambda: Shift(_SHIFT_C), _normal((_B, 2, 3)), lambda x: x + _t(_SHIFT_C)),
+    TorchRow("Shift-scalar", lambda: Shift(0.5), _normal((_B, 3)), lambda x: x + 0.5),
+    TorchRow(
+        "SumEntries", SumEntries, _normal((_B, 2, 3)), lambda x: x.flatten(1).sum(1, keepdim=True)
+    ),
+    # -- the backward network's layers: torch tensor expressions --
+    TorchRow("Gate", lambda: Gate(_GATE_D), _normal((_B, 2, 3)), lambda x: x * _t(_GATE_D)),
+    TorchRow(
+        "Slice",
+        lambda: Slice(2, 6, (2, 2)),
+        _normal((_B, 7)),
+        lambda x: x.flatten(1)[:, 2:6].reshape(-1, 2, 2),
+    ),
+    TorchRow(
+        "VJP-dense",
+        lambda: VJP(Dense(_VJP_A), (5,)),
+        _normal((_B, 2)),
+        lambda x: torch.einsum("bm,bmn->bn", x, _t(_VJP_A)),
+    ),
+    TorchRow(
+        "VJP-sparse",
+        lambda: VJP(Sparse(_VJP_S, _B), (5,)),
+        _normal((_B, 3)),
+        lambda x: x @ _t(_VJP_S.toarray()),
+    ),
+    TorchRow(
+        "VJP-sum-kronecker",
+        lambda: VJP(Kronecker(2, _VJP_X), (2, 3), sum_batch=True),
+        _normal((_B, 2)),
+        lambda x: torch.einsum("bm,bn->mn", x, _t(_VJP_X)),
+    ),
+    TorchRow("WeightGrad", lambda: WeightGrad(_WG_X), _normal((_B, 2)), lambda x: x.T @ _t(_WG_X)),
+    TorchRow("BatchSum", BatchSum, _normal((_B, 2, 3)), lambda x: x.sum(0)),
+]
+
+
+def _is_float(x: np.ndarray) -> bool:
+    return bool(np.issubdtype(x.dtype, np.floating))
+
+
+def _seed_for(out: Any, rng: np.random.Generator) -> Any:
+    """A random g_out of the output's shape (a tuple for several, a scalar for a cost)."""
+    if isinstance(out, tuple):
+        return tuple(_seed_for(o, rng) for o in out)
+    return np.asarray(rng.uniform(0.5, 2.0)) if out.ndim == 0 else rng.standard_normal(out.shape)
+
+
+def _torch_side(row: TorchRow, layer: bp.Layer, xs: list[np.ndarray], g_out: Any) -> Any:
+    """torch's output, input gradients (None for labels) and parameter gradients."""
+    xs_t = [tt(x) if _is_float(x) else torch.tensor(x) for x in xs]
+    ps_t = {name: tt(p.value) for name, p in layer.params.items()}
+    out_t = row.torch_fn(*xs_t, **ps_t)
+    outs_t = out_t if isinstance(out_t, tuple) else (out_t,)
+    seeds = g_out if isinstance(g_out, tuple) else (g_out,)
+    torch.autograd.backward(outs_t, [torch.tensor(s) for s in seeds])
+    g_in_t = [t.grad if _is_float(x) else None for t, x in zip(xs_t, xs, strict=True)]
+    return out_t, g_in_t, ps_t
+
+
+@pytest.mark.parametrize("row", TORCH_ROWS, ids=[r.name for r in TORCH_ROWS])
+def test_layer_matches_torch(row: TorchRow) -> None:
+    rng = np.random.default_rng(100)
+    xs = row.inputs(rng)
+    layer = row.make()
+    out = layer.forward(*xs)
+    g_out = _seed_for(out, rng)
+    g_in, grads = layer.backward(g_out)
+    out_t, g_in_t, ps_t = _torch_side(row, layer, xs, g_out)
+
+    for o, o_t in zip(_as_tuple(out), _as_tuple(out_t), strict=True):
+        assert o.shape == tuple(o_t.shape)
+        close(o, o_t)
+    for x, g, g_t in zip(xs, _as_tuple(g_in), g_in_t, strict=True):
+        if _is_float(x):
+            assert g.shape == x.shape
+            close(g, g_t)
+        else:
+            assert g is None  # integer labels get no gradient
+    assert grads.keys() == ps_t.keys()
+    for name, p_t in ps_t.items():
+        close(grads[name], p_t.grad)
+
+
+def _as_tuple(v: Any) -> tuple[Any, ...]:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _one_node_model(layer: bp.Layer, n_inputs: int) -> bp.Graph:
+    """``layer`` as the one node of a model: a Sequential for one input and one
+    output, else a Graph with inputs ``x0, x1, ...``."""
+    if n_inputs == 1 and not layer.returns_tuple:
+        return bp.Sequential([layer])
+    g = bp.Graph()
+    handles = [g.input(f"x{i}") for i in range(n_inputs)]
+    out = g.add(layer, *handles)
+    g.output(*_as_tuple(out))
+    return g
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+@pytest.mark.parametrize("row", TORCH_ROWS, ids=[r.name for r in TORCH_ROWS])
+def test_layer_in_a_model_matches_torch(row: TorchRow, mode: str) -> None:
+    rng = np.random.default_rng(101)
+    xs = row.inputs(rng)
+    layer = row.make()
+    model = _one_node_model(layer, len(xs))
+    if isinstance(model, bp.Sequential):
+        out = model.forward(xs[0])
+    else:
+        out = model.forward({f"x{i}": x for i, x in enumerate(xs)})
+    g_out = _seed_for(out, rng)
+    grads = model.backward(g_out, mode=mode)
+    out_t, g_in_t, ps_t = _torch_side(row, layer, xs, g_out)
+
+    for o, o_t in zip(_as_tuple(out), _as_tuple(out_t), strict=True):
+        close(o, o_t)
+    names = ["x"] if isinstance(model, bp.Sequential) else [f"x{i}" for i in range(len(xs))]
+    for name, x, g_t in zip(names, xs, g_in_t, strict=True):
+        if _is_float(x):
+            close(grads.inputs[name], g_t)
+        else:
+            assert name not in grads.inputs
+    assert set(grads.params) == set(layer.params.values())
+    for name, p_t in ps_t.items():
+        close(grads.params[layer.params[name]], p_t.grad)
+
+
+def test_torch_table_covers_every_layer_with_a_torch_counterpart() -> None:
+    # Every exported layer but Constant (a source with no input and no gradient: it is
+    # checked on numbers worked by hand below) has a row in the torch table.
+    import backprop.layers.backward
+    import backprop.layers.worked
+
+    exported = set()
+    for module in (bp, backprop.layers.backward, backprop.layers.worked):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, bp.Layer):
+                exported.add(obj)
+    exempt = {bp.Layer, bp.Loss, Constant}
+    compared = {type(row.make()) for row in TORCH_ROWS}
+    assert Constant in exported and {bp.Linear, VJP, Scale} <= compared  # it looked
+    missing = sorted(cls.__name__ for cls in exported - exempt - compared)
+    assert not missing, f"no torch comparison for {', '.join(missing)}: add a row to TORCH_ROWS"
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+def test_constant_in_a_graph_by_hand(mode: str) -> None:
+    # L = 10 - d (the lecture notes' example), per example, with d = Linear(x): the
+    # Constant's value goes forward unchanged and no gradient comes back to it.
+    x = np.array([[1.0, 2.0], [-1.0, 0.5]])
+    W, b = np.array([[0.5, -1.0]]), np.array([0.25])
+    g = bp.Graph()
+    d = g.add(bp.Linear(2, 1, W=W, b=b), g.input("x"))
+    ten = g.add(Constant([[10.0], [10.0]]), name="ten")
+    g.output(g.add(bp.Add(), ten, g.add(Scale(-1.0, learnable=False), d)))
+    seed = np.array([[2.0], [-3.0]])
+    out = g.forward(x=x)
+    # d = 0.5 x1 - x2 + 0.25: -1.25 and -0.75 -> L = 11.25 and 10.75
+    np.testing.assert_array_equal(out, [[11.25], [10.75]])
+    grads = g.backward(seed, mode=mode)
+    # dL/dx = -W per example, times the seed; dL/dW = -Σ seed x; dL/db = -Σ seed
+    np.testing.assert_allclose(grads.inputs["x"], [[-1.0, 2.0], [1.5, -3.0]], rtol=1e-15)
+    (lin,) = [n.layer for n in g.nodes() if isinstance(n.layer, bp.Linear)]
+    np.testing.assert_allclose(grads.params[lin.W], np.array([[-5.0, -2.5]]), rtol=1e-15)
+    np.testing.assert_allclose(grads.params[lin.params["b"]], np.array([1.0]), rtol=1e-15)
+
+
+# ------------------------------------------- the pieces chained, in a Sequential and a Graph
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+def test_sequential_of_shape_and_worked_layers(mode: str) -> None:
+    # Linear without bias, Sigmoid, Reshape, Scale, Shift, Flatten, LeakyReLU, Linear,
+    # Softplus and L2Loss, against the same chain in torch.
+    rng = np.random.default_rng(110)
+    B = 5
+    x, y = rng.standard_normal((B, 6)), rng.standard_normal((B, 3))
+    first, last = bp.Linear(6, 4, bias=False, rng=rng), bp.Linear(4, 3, rng=rng)
+    scale = Scale(0.7)
+    net = bp.Sequential(
+        [
+            first,
+            bp.Sigmoid(),
+            bp.Reshape(2, 2),
+            scale,
+            Shift(-0.4),
+            bp.Flatten(),
+            bp.LeakyReLU(0.1),
+            last,
+            bp.Softplus(),
+            bp.L2Loss(),
+        ]
+    )
+    J = net.forward(x, y)
+    g_0, grads = net.backward(mode=mode)
+
+    x_t, y_t = tt(x), tt(y)
+    W1, a = tt(first.W.value), tt(scale.params["a"].value)
+    W2, b2 = tt(last.W.value), tt(last.params["b"].value)
+    h = (a * torch.sigmoid(F.linear(x_t, W1)).reshape(B, 2, 2) - 0.4).flatten(1)
+    out = F.softplus(F.linear(F.leaky_relu(h, 0.1), W2, b2))
+    J_t = ((out - y_t) ** 2).sum(1).mean()
+    J_t.backward()
+    close(J, J_t)
+    close(g_0, x_t.grad)
+    assert set(grads) == {first.W, scale.params["a"], last.W, last.params["b"]}
+    close(grads[first.W], W1.grad)
+    close(grads[scale.params["a"]], a.grad)
+    close(grads[last.W], W2.grad)
+    close(grads[last.params["b"]], b2.grad)
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+def test_graph_of_structure_layers(mode: str) -> None:
+    # x (B, 3, 4) ─► Transpose ─► Flatten ─► Branch(2) ─► lin_a ─► tanh ─┐
+    #                                           └──────► lin_b ────────┴► Multiply ─┐
+    #  x ─► SumEntries ─────────────────────────────────────────────────────────────┤
+    #  (lin_a + lin_b via Add) ──────────────────────────────────────────────────────┴► Merge()
+    #  ─► head ─► SoftmaxCrossEntropy
+    rng = np.random.default_rng(111)
+    B = 4
+    x, labels = rng.standard_normal((B, 3, 4)), rng.integers(0, 3, size=B)
+    lin_a, lin_b = bp.Linear(12, 3, rng=rng), bp.Linear(12, 3, rng=rng)
+    head = bp.Linear(7, 3, rng=rng)
+    g = bp.Graph()
+    xh, yh = g.input("x"), g.input("y")
+    flat = g.add(bp.Flatten(), g.add(bp.Transpose((1, 0)), xh))
+    c1, c2 = g.add(bp.Branch(2), flat)
+    a = g.add(lin_a, c1)
+    bh = g.add(lin_b, c2)
+    prod = g.add(bp.Multiply(), g.add(bp.Tanh(), a), bh)
+    total = g.add(bp.Add(), a, bh)  # a and bh are read twice: fan-out inserted
+    merged = g.add(bp.Merge(), prod, total, g.add(SumEntries(), xh))
+    g.output(g.add(bp.SoftmaxCrossEntropy(), g.add(head, merged), yh))
+    J = g.forward(x=x, y=labels)
+    grads = g.backward(mode=mode)
+
+    x_t = tt(x)
+    Wa, ba, Wb, bb = (
+        tt(v)
+        for v in (lin_a.W.value, lin_a.params["b"].value, lin_b.W.value, lin_b.params["b"].value)
+    )
+    Wh, bh_t = tt(head.W.value), tt(head.params["b"].value)
+    flat_t = x_t.permute(0, 2, 1).flatten(1)
+    a_t, b_t = F.linear(flat_t, Wa, ba), F.linear(flat_t, Wb, bb)
+    merged_t = torch.cat([torch.tanh(a_t) * b_t, a_t + b_t, x_t.flatten(1).sum(1, keepdim=True)], 1)
+    J_t = F.cross_entropy(F.linear(merged_t, Wh, bh_t), torch.tensor(labels))
+    J_t.backward()
+    close(J, J_t)
+    close(grads.inputs["x"], x_t.grad)
+    assert "y" not in grads.inputs
+    for p, t in (
+        (lin_a.W, Wa),
+        (lin_a.params["b"], ba),
+        (lin_b.W, Wb),
+        (lin_b.params["b"], bb),
+        (head.W, Wh),
+        (head.params["b"], bh_t),
+    ):
+        close(grads.params[p], t.grad)
 
 
 # ------------------------------------------------------------------------- Sequential
