@@ -31,7 +31,7 @@ default multiplies through the Jacobians) and ``_jacobians``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -224,6 +224,7 @@ class Layer:
         cls._default_dtype = cls._dtype is Layer._dtype
 
     def __init__(self) -> None:
+        _require_hooks(type(self))
         self.params: dict[str, Parameter] = {}
         self._op: OperatingPoint | None = None
         self.training = True
@@ -273,7 +274,34 @@ class Layer:
         op = self._op
         if op is None:
             op = self._operating_point("backward")  # raises, naming the layer
-        return self._backward(op, self._validate_g_out(op, g_out), input_grad)
+        g_in, grads = self._backward(op, self._validate_g_out(op, g_out), input_grad)
+        if type(g_in) is np.ndarray and len(op.x_in) == 1:
+            if g_in.shape != op.x_in[0].shape:
+                self._wrong_g_in(g_in, 0)
+        elif g_in is not None:
+            self._check_g_ins(op, g_in)
+        return g_in, grads
+
+    def _check_g_ins(self, op: OperatingPoint, g_in: Any) -> None:
+        """One gradient (or None) per input: a tuple of them (or an array for one input)."""
+        if not isinstance(g_in, tuple) or len(g_in) != len(op.x_in):
+            raise RuntimeError(
+                f"{self!r}._backward returned {type(g_in).__name__} for g_in; a layer with "
+                f"{len(op.x_in)} inputs returns a tuple of {len(op.x_in)} gradients (None "
+                f"for an input without one)"
+            )
+        for k, (g, x) in enumerate(zip(g_in, op.x_in, strict=True)):
+            if g is not None and (not isinstance(g, np.ndarray) or g.shape != x.shape):
+                self._wrong_g_in(g, k)
+
+    def _wrong_g_in(self, g: Any, k: int) -> None:
+        x = cast(OperatingPoint, self._op).x_in[k]
+        what = f"shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
+        raise RuntimeError(
+            f"{self!r}._backward returned g_in for input {k} ({self.inputs[k]}) with "
+            f"{what}, but that input has shape {x.shape}; g_in = g_out L^x has the input's "
+            f"shape (a bug in the layer's _backward)"
+        )
 
     def jacobians(self) -> tuple[Any, dict[str, Jacobian]]:
         """``(L_x, {name: L_theta})`` at the cached operating point.
@@ -486,6 +514,24 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{self.name}()"
+
+
+def _require_hooks(cls: type[Layer]) -> None:
+    """A ``TypeError`` naming the hook a layer class does not define."""
+    missing = []
+    if getattr(cls, "_forward", None) is None:
+        missing.append("_forward(self, op, *x_in) -> x_out: the layer's function")
+    if cls._jacobians is Layer._jacobians:
+        missing.append(
+            "_jacobians(self, op) -> (L_x, {name: L_theta}): its Jacobians at the operating point"
+        )
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} cannot be built: it does not define "
+            + "; nor ".join(missing)
+            + ". A layer writes _forward and _jacobians (and, optionally, a faster "
+            "_backward); see 'Writing your own layer' in the README"
+        )
 
 
 class Loss(Layer):

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from backprop.jacobian import Dense, Identity, Jacobian, Sparse
+from backprop.jacobian import Dense, Identity, Jacobian, Rows
 from backprop.layer import Layer, Parameter
 
 if TYPE_CHECKING:
@@ -153,15 +152,15 @@ def _layer_jacobians(layer: Layer, cache: _Cache) -> tuple[tuple[Any, ...], dict
 
 
 def output_rows(layer: Layer, L: Jacobian) -> list[Jacobian]:
-    """``[Rows_k @ L]``: the part of a stacked ``L`` that belongs to each output ``k``."""
+    """``[Rows_k @ L]``: the part of a stacked ``L`` that belongs to each output ``k``.
+
+    For a fan-out ``Branch`` (``L = [I; I; ...]``) each part is ``I`` itself.
+    """
     op = layer._operating_point("jacobians")
     sizes = [int(x[0].size) for x in op.x_out]
     total, start, parts = sum(sizes), 0, []
     for n in sizes:
-        pick = sp.csr_array(
-            (np.ones(n, L.dtype), (np.arange(n), np.arange(start, start + n))), shape=(n, total)
-        )
-        parts.append(Sparse(pick, L.batch, f"rows {start}..{start + n - 1}") @ L)
+        parts.append(Rows(total, start, n, L.batch, L.dtype) @ L)
         start += n
     return parts
 
