@@ -26,7 +26,7 @@ def test_numerical_jacobian_of_linear_map() -> None:
     A = rng.standard_normal((3, 4))
     x = rng.standard_normal(4)
     x0 = x.copy()
-    J = bp.numerical_jacobian(lambda v: A @ v, x)
+    J = bp.numerical_jacobian(lambda v: A @ v, x, flat=True)
     assert J.shape == (3, 4)
     np.testing.assert_allclose(J, A, rtol=1e-8, atol=1e-9)
     np.testing.assert_array_equal(x, x0)  # x is not changed
@@ -34,14 +34,14 @@ def test_numerical_jacobian_of_linear_map() -> None:
 
 def test_numerical_jacobian_of_cube() -> None:
     x = np.array([-1.5, 0.5, 2.0])
-    J = bp.numerical_jacobian(lambda v: v**3, x)
+    J = bp.numerical_jacobian(lambda v: v**3, x, flat=True)
     np.testing.assert_allclose(J, np.diag([6.75, 0.75, 12.0]), rtol=1e-8, atol=1e-8)
 
 
 def test_numerical_jacobian_orders_entries_in_c_order() -> None:
     # f(X) = Xᵀ for X of shape (2, 3): output entry (j, i) is input entry (i, j).
     X = np.arange(6.0).reshape(2, 3)
-    J = bp.numerical_jacobian(lambda M: M.T, X)
+    J = bp.numerical_jacobian(lambda M: M.T, X, flat=True)
     expected = np.zeros((6, 6))
     for i in range(2):
         for j in range(3):
@@ -51,7 +51,7 @@ def test_numerical_jacobian_orders_entries_in_c_order() -> None:
 
 def test_numerical_jacobian_of_scalar_function() -> None:
     x = np.array([[1.0, -2.0], [0.5, 3.0]])
-    J = bp.numerical_jacobian(lambda v: np.sum(v**2), x)
+    J = bp.numerical_jacobian(lambda v: np.sum(v**2), x, flat=True)
     np.testing.assert_allclose(J, 2 * x.reshape(1, -1), rtol=1e-8)
 
 
