@@ -292,3 +292,13 @@ def test_directions_leave_parameters_and_operating_point_alone() -> None:
     g_0, _ = net.backward(g)  # still at the operating point of x
     net.forward(x)
     np.testing.assert_array_equal(g_0, net.backward(g)[0])
+
+
+def test_a_kink_on_every_direction_cannot_be_checked_along_directions() -> None:
+    x = _x(TOKENS)
+    assert bp.gradcheck(bp.ReLU(), x, mode="directions").mode == "directions"
+    x[0, 0, 0] = 0.0  # one entry at the kink: every direction crosses it
+    with pytest.raises(bp.GradcheckError, match=r"could not check.*mode='entries'"):
+        bp.gradcheck(bp.ReLU(), x, mode="directions")
+    report = bp.gradcheck(bp.ReLU(), x, mode="entries")  # which excludes that entry only
+    assert report.excluded["input 0: fast backward vs finite differences"] == (1, x.size)

@@ -206,6 +206,12 @@ class Checker:
                     f"gradcheck {self.report.name}: {c.what}: could not check: all {total} "
                     f"entries lie within the finite-difference step of a kink (the function is "
                     f"not differentiable there); check it at another point"
+                    + (
+                        " or entry by entry (mode='entries'), which excludes only the entries "
+                        "at the kink"
+                        if self.report.mode == "directions"
+                        else ""
+                    )
                 )
         # The report keeps a normwise figure, max|a - b| / max|b|: entrywise ratios
         # blow up at entries that are zero up to rounding.

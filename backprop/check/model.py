@@ -68,29 +68,12 @@ def gradcheck(
     kink). Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
     disagreement. The model is left at its operating point at ``inputs``.
     """
+    options: dict[str, Any] = dict(
+        eps=eps, rtol=rtol, atol=atol, seed=seed, mode=mode, directions=directions
+    )
     if isinstance(model, Graph):
-        if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-            feed = dict(inputs[0])
-        else:
-            names = model.input_names()
-            if len(inputs) > len(names):
-                raise TypeError(
-                    f"gradcheck: the model takes {len(names)} input(s) "
-                    f"({', '.join(names)}), got {len(inputs)}"
-                )
-            feed = dict(zip(names, inputs, strict=False))
-        feed.update(named_inputs)
-        return gradcheck_graph(
-            model,
-            feed,
-            seeds=g_out,
-            eps=eps,
-            rtol=rtol,
-            atol=atol,
-            seed=seed,
-            mode=mode,
-            directions=directions,
-        )
+        feed = _feed(model, inputs, named_inputs)
+        return gradcheck_graph(model, feed, seeds=g_out, **options)
     if not isinstance(model, Layer):
         raise TypeError(
             f"gradcheck: expected a Layer or a Graph (a Sequential is one), got "
@@ -101,14 +84,21 @@ def gradcheck(
             f"gradcheck: unexpected keyword(s) {', '.join(map(repr, named_inputs))}; inputs "
             f"by name are for a Graph, a layer takes them positionally"
         )
-    return check_layer(
-        model,
-        inputs,
-        g_out=g_out,
-        eps=eps,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        mode=mode,
-        directions=directions,
-    )
+    return check_layer(model, inputs, g_out=g_out, **options)
+
+
+def _feed(graph: Graph, inputs: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
+    """A Graph's inputs by name: one mapping, or positionally in declaration order (a
+    chain's ``x``, then its targets), updated by the ones given by name."""
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        feed = dict(inputs[0])
+    else:
+        names = graph.input_names()
+        if len(inputs) > len(names):
+            raise TypeError(
+                f"gradcheck: the model takes {len(names)} input(s) "
+                f"({', '.join(names)}), got {len(inputs)}"
+            )
+        feed = dict(zip(names, inputs, strict=False))
+    feed.update(named)
+    return feed
