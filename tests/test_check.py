@@ -26,7 +26,7 @@ def test_numerical_jacobian_of_linear_map() -> None:
     A = rng.standard_normal((3, 4))
     x = rng.standard_normal(4)
     x0 = x.copy()
-    J = bp.numerical_jacobian(lambda v: A @ v, x)
+    J = bp.numerical_jacobian(lambda v: A @ v, x, flat=True)
     assert J.shape == (3, 4)
     np.testing.assert_allclose(J, A, rtol=1e-8, atol=1e-9)
     np.testing.assert_array_equal(x, x0)  # x is not changed
@@ -34,14 +34,14 @@ def test_numerical_jacobian_of_linear_map() -> None:
 
 def test_numerical_jacobian_of_cube() -> None:
     x = np.array([-1.5, 0.5, 2.0])
-    J = bp.numerical_jacobian(lambda v: v**3, x)
+    J = bp.numerical_jacobian(lambda v: v**3, x, flat=True)
     np.testing.assert_allclose(J, np.diag([6.75, 0.75, 12.0]), rtol=1e-8, atol=1e-8)
 
 
 def test_numerical_jacobian_orders_entries_in_c_order() -> None:
     # f(X) = Xᵀ for X of shape (2, 3): output entry (j, i) is input entry (i, j).
     X = np.arange(6.0).reshape(2, 3)
-    J = bp.numerical_jacobian(lambda M: M.T, X)
+    J = bp.numerical_jacobian(lambda M: M.T, X, flat=True)
     expected = np.zeros((6, 6))
     for i in range(2):
         for j in range(3):
@@ -51,8 +51,81 @@ def test_numerical_jacobian_orders_entries_in_c_order() -> None:
 
 def test_numerical_jacobian_of_scalar_function() -> None:
     x = np.array([[1.0, -2.0], [0.5, 3.0]])
-    J = bp.numerical_jacobian(lambda v: np.sum(v**2), x)
+    J = bp.numerical_jacobian(lambda v: np.sum(v**2), x, flat=True)
     np.testing.assert_allclose(J, 2 * x.reshape(1, -1), rtol=1e-8)
+
+
+# -- numerical_jacobian in the (B, M, N) layout of to_dense() -----------------------------
+
+
+def test_numerical_jacobian_layouts_match_linear_jacobians() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4))  # B = 2 examples of 3 tokens of 4 features
+    lin = bp.Linear(4, 5, rng=2)
+    W0, b0 = lin.W.value.copy(), lin.params["b"].value.copy()
+    lin.forward(x)
+    L_x, L_theta = lin.jacobians()
+
+    def out(W: np.ndarray = W0, b: np.ndarray = b0, v: np.ndarray = x) -> np.ndarray:
+        return bp.Linear(4, 5, W=W, b=b).forward(v)
+
+    num_x = bp.numerical_jacobian(lambda v: out(v=v), x)
+    assert num_x.shape == (2, 3 * 5, 3 * 4)
+    np.testing.assert_allclose(num_x, L_x.to_dense(), rtol=1e-7, atol=1e-9)
+    num_W = bp.numerical_jacobian(lambda W: out(W=W), W0, wrt_batch=False)
+    assert num_W.shape == (2, 3 * 5, 5 * 4)
+    np.testing.assert_allclose(num_W, L_theta["W"].to_dense(), rtol=1e-7, atol=1e-9)
+    num_b = bp.numerical_jacobian(lambda b: out(b=b), b0, wrt_batch=False)
+    np.testing.assert_allclose(num_b, L_theta["b"].to_dense(), rtol=1e-7, atol=1e-9)
+    # The flat layout holds the same numbers: block b sits on the diagonal.
+    flat = bp.numerical_jacobian(lambda v: out(v=v), x, flat=True)
+    assert flat.shape == (30, 24)
+    np.testing.assert_array_equal(flat[15:, 12:], num_x[1])
+    np.testing.assert_array_equal(flat[:15, 12:], 0.0)
+
+
+def test_numerical_jacobian_layouts_by_hand() -> None:
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])  # B = 3, N = 2
+    square = bp.numerical_jacobian(lambda v: v**2, x)
+    by_hand = np.array([[[2.0, 0.0], [0.0, 4.0]], [[6.0, 0.0], [0.0, 8.0]], [[-2.0, 0], [0, 1.0]]])
+    np.testing.assert_allclose(square, by_hand, rtol=1e-9, atol=1e-9)
+    # A cost, the mean over the batch of Σ_i x_bi²: row b is 2·x[b]/B, shape (B, 1, N),
+    # and the rows add up to the batch gradient.
+    cost = bp.numerical_jacobian(lambda v: np.sum(v**2) / 3, x)
+    assert cost.shape == (3, 1, 2)
+    np.testing.assert_allclose(cost[:, 0, :], 2 * x / 3, rtol=1e-9, atol=1e-9)
+    # A parameter θ (2,), f(θ)[b] = <x[b], θ>: ∂f[b]/∂θ = x[b], shape (B, 1, |θ|).
+    theta = np.array([0.5, -2.0])
+    dot = bp.numerical_jacobian(lambda t: x @ t, theta, wrt_batch=False)
+    np.testing.assert_allclose(dot, x[:, None, :], rtol=1e-9, atol=1e-9)
+    # The flat layout: diag(2·x) over all B·N entries.
+    flat = bp.numerical_jacobian(lambda v: v**2, x, flat=True)
+    np.testing.assert_allclose(flat, np.diag(2 * x.ravel()), rtol=1e-9, atol=1e-9)
+
+
+def test_numerical_jacobian_refuses_what_blocks_cannot_hold() -> None:
+    x = np.array([[1.0, 2.0], [3.0, 5.0]])
+    with pytest.raises(ValueError, match=r"couples the examples.*flat=True"):
+        bp.numerical_jacobian(lambda v: v - v.mean(axis=0), x)
+    # centring over the batch: ∂(x_b - mean)/∂x_c = (δ_bc - 1/B)·I, in the flat layout
+    flat = bp.numerical_jacobian(lambda v: v - v.mean(axis=0), x, flat=True)
+    np.testing.assert_allclose(flat, np.kron(np.eye(2) - 0.5, np.eye(2)), atol=1e-9)
+    with pytest.raises(TypeError, match="flat=True"):
+        bp.numerical_jacobian(lambda v: (v, 2 * v), x)
+    both = bp.numerical_jacobian(lambda v: (v, 2 * v), x, flat=True)
+    np.testing.assert_allclose(both, np.vstack([np.eye(4), 2 * np.eye(4)]), atol=1e-9)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\).*\(3,\)"):
+        bp.numerical_jacobian(lambda v: np.ones(3) * v.sum(), x)
+
+
+def test_numerical_jacobian_docstring_example_runs() -> None:
+    import doctest
+
+    from backprop.check import differences
+
+    result = doctest.testmod(differences, extraglobs={"np": np})
+    assert result.attempted >= 3
+    assert result.failed == 0
 
 
 # -- meta-tests: gradcheck must fail on a wrong derivative -------------------------------

@@ -45,7 +45,7 @@ def test_unit_gradient_against_finite_differences(kind: str, l2: float) -> None:
         return -float(out[:, 1].mean()) + 0.5 * l2 * float(np.sum(v * v)) / 3
 
     assert J == pytest.approx(cost(x), rel=1e-14)
-    numeric = bp.numerical_jacobian(cost, x).reshape(x.shape)
+    numeric = bp.numerical_jacobian(cost, x, flat=True).reshape(x.shape)
     np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-9)
 
 
@@ -66,12 +66,12 @@ def test_loss_and_callable_objectives() -> None:
     chain = bp.Sequential([*net.layers, bp.SoftmaxCrossEntropy()])
     J, g = bp.input_gradient(chain, x, fixed=(labels,))
     assert J == pytest.approx(float(chain.forward(x, labels)), rel=1e-15)
-    numeric = bp.numerical_jacobian(lambda v: chain.forward(v, labels, cache=False), x)
+    numeric = bp.numerical_jacobian(lambda v: chain.forward(v, labels, cache=False), x, flat=True)
     np.testing.assert_allclose(g, numeric.reshape(x.shape), rtol=1e-6, atol=1e-9)
     # A callable: J = ½ ‖x_out‖², dJ/dx_out = x_out.
     J2, g2 = bp.input_gradient(net, x, lambda out: (0.5 * float(np.sum(out * out)), out))
     numeric = bp.numerical_jacobian(
-        lambda v: 0.5 * float(np.sum(net.forward(v, cache=False) ** 2)), x
+        lambda v: 0.5 * float(np.sum(net.forward(v, cache=False) ** 2)), x, flat=True
     )
     np.testing.assert_allclose(g2, numeric.reshape(x.shape), rtol=1e-6, atol=1e-9)
     assert J2 > 0

@@ -50,7 +50,7 @@ def check_against_differences(
     for key in rev.inputs:
         dense_r, dense_f = rev.inputs[key].to_dense(), fwd.inputs[key].to_dense()
         np.testing.assert_allclose(dense_r, dense_f, rtol=1e-12, atol=1e-14)
-        numeric = bp.numerical_jacobian(lambda v, key=key: out(**{key: v}), feed[key])
+        numeric = bp.numerical_jacobian(lambda v, key=key: out(**{key: v}), feed[key], flat=True)
         np.testing.assert_allclose(
             batch_matrix(rev.inputs[key], scalar, False), numeric, rtol=1e-6, atol=1e-8
         )
@@ -65,7 +65,7 @@ def check_against_differences(
             return out()
 
         try:
-            numeric = bp.numerical_jacobian(f_p, original)
+            numeric = bp.numerical_jacobian(f_p, original, flat=True)
         finally:
             p.value = original
         np.testing.assert_allclose(
@@ -252,7 +252,7 @@ def test_sequential_orders_agree_with_differences() -> None:
     auto = net.jacobians()
     np.testing.assert_allclose(rev["x"].to_dense(), fwd["x"].to_dense(), rtol=1e-13)
     np.testing.assert_allclose(rev["x"].to_dense(), auto["x"].to_dense(), rtol=1e-13)
-    numeric = bp.numerical_jacobian(lambda v: net.forward(v, cache=False), X)
+    numeric = bp.numerical_jacobian(lambda v: net.forward(v, cache=False), X, flat=True)
     np.testing.assert_allclose(batch_matrix(rev["x"], False, False), numeric, rtol=1e-6, atol=1e-9)
     for p in net.parameters():
         np.testing.assert_allclose(rev.params[p].to_dense(), fwd.params[p].to_dense(), rtol=1e-13)
@@ -263,7 +263,7 @@ def test_sequential_orders_agree_with_differences() -> None:
             return net.forward(X, cache=False)
 
         try:
-            numeric = bp.numerical_jacobian(f_p, original)
+            numeric = bp.numerical_jacobian(f_p, original, flat=True)
         finally:
             p.value = original
         np.testing.assert_allclose(

@@ -332,7 +332,7 @@ def test_branch_three_ways(batch: int) -> None:
     def stacked(xi: np.ndarray) -> np.ndarray:
         return np.concatenate([o.reshape(batch, -1) for o in bp.Branch(n).forward(xi)], axis=1)
 
-    numeric = bp.numerical_jacobian(stacked, x)  # (B*n*4, B*4)
+    numeric = bp.numerical_jacobian(stacked, x, flat=True)  # (B*n*4, B*4)
     L_x, L_theta = layer.jacobians()
     assert L_theta == {}
     explicit = L_x.block_diagonal().toarray()
@@ -505,7 +505,7 @@ def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
             xi[0] = x0
             return out0(*xs[:i], xi, *xs[i + 1 :])
 
-        numeric = bp.numerical_jacobian(f, xs[i][0])
+        numeric = bp.numerical_jacobian(f, xs[i][0], flat=True)
         np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
     assert L_theta.keys() == layer.params.keys()
     for name, L in L_theta.items():
@@ -520,7 +520,7 @@ def test_jacobian_shapes_and_values_per_example(case: Case, batch: int) -> None:
                 o.params[n].value = value if n == name else q.value
             return example_0(o.forward(*xs), o)
 
-        numeric = bp.numerical_jacobian(f_theta, original)
+        numeric = bp.numerical_jacobian(f_theta, original, flat=True)
         np.testing.assert_allclose(L.to_dense()[0], numeric, rtol=1e-6, atol=1e-8)
 
 

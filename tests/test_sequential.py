@@ -207,7 +207,7 @@ def test_tied_weights_against_finite_differences() -> None:
         W.value = value
         return np.sum(g_L * net.forward(x))
 
-    numeric = bp.numerical_jacobian(f, W0).reshape(3, 3)
+    numeric = bp.numerical_jacobian(f, W0, flat=True).reshape(3, 3)
     W.value = W0
     np.testing.assert_allclose(grads[W], numeric, rtol=1e-6, atol=1e-9)
 
@@ -251,7 +251,7 @@ def test_chain_jacobian_is_product_of_layer_jacobians() -> None:
             return net.forward(xx)[b]
 
         np.testing.assert_allclose(
-            L_x.to_dense()[b], bp.numerical_jacobian(f, x[b]), rtol=1e-6, atol=1e-9
+            L_x.to_dense()[b], bp.numerical_jacobian(f, x[b], flat=True), rtol=1e-6, atol=1e-9
         )
     net.forward(x)
     # A parameter's whole-chain Jacobian: ∂x_L/∂W1 per example, against finite differences.
@@ -262,7 +262,7 @@ def test_chain_jacobian_is_product_of_layer_jacobians() -> None:
         W1.value = value
         return net.forward(x)
 
-    numeric = bp.numerical_jacobian(f_w, W0)  # (B*3, |W1|)
+    numeric = bp.numerical_jacobian(f_w, W0, flat=True)  # (B*3, |W1|)
     W1.value = W0
     net.forward(x)
     np.testing.assert_allclose(
@@ -282,7 +282,7 @@ def test_chain_jacobian_of_tied_weights_is_summed() -> None:
         W.value = value
         return net.forward(x)
 
-    numeric = bp.numerical_jacobian(f, W0)
+    numeric = bp.numerical_jacobian(f, W0, flat=True)
     W.value = W0
     np.testing.assert_allclose(L_theta[W].to_dense().reshape(6, 9), numeric, rtol=1e-6, atol=1e-9)
 

@@ -1,0 +1,104 @@
+"""``gradcheck``: the three-way check of a model, a ``Layer`` or a ``Graph``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from backprop.check.compare import GradcheckReport
+from backprop.check.graph import gradcheck_graph
+from backprop.check.layer import check_layer
+from backprop.graph import Graph
+from backprop.layer import Layer
+
+__all__ = ["gradcheck"]
+
+
+def gradcheck(
+    model: Any,
+    *inputs: Any,
+    g_out: Any = None,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    seed: int = 0,
+    mode: str = "auto",
+    directions: int = 3,
+    **named_inputs: Any,
+) -> GradcheckReport:
+    """The three-way check of a layer or a network at ``inputs``.
+
+    "Write the analytic gradient and validate it using the numerical gradient":
+    three computations of the same numbers must agree,
+
+    1. the fast path, ``backward(g_out)``;
+    2. the explicit Jacobians, ``g_out · jacobians()``;
+    3. float64 central differences, ``(f(x + h_j e_j) - f(x - h_j e_j)) / 2h_j``
+       with a step ``h_j = ε·max(1, |x_j|)`` that follows the size of each entry;
+
+    and the Jacobian objects' forward products ``L u`` (``jvp``) must pass the
+    dot-product test ``<v, L u> = <v L, u>`` against the backward pass. Any
+    disagreement raises ``GradcheckError`` (an ``AssertionError``) with the two
+    computations side by side, labelled by what they are, at the worst entries.
+
+    ``model`` is a ``Layer`` (inputs positionally; integer inputs are labels
+    and get no gradient; a layer with several outputs, such as ``Branch``, gets
+    one ``g_out`` per output, and its Jacobian is that of the outputs stacked
+    per example) or a ``Graph`` (a ``Sequential`` is one), with its inputs by
+    name, ``gradcheck(graph, x=X, y=Y)``, positionally in declaration order
+    (a chain's ``x``, then its targets), or ``gradcheck(graph, {"x": X})`` when
+    an input's name is one of this function's keywords. See ``gradcheck_graph``
+    for what is compared for a Graph. Everything must be float64: finite
+    differences in float32 are too coarse to prove anything.
+
+    ``mode``: ``"entries"`` compares every entry of every Jacobian (the batch
+    Jacobians made dense, each input entry differenced); ``"directions"``
+    densifies nothing and compares the products along ``directions`` random
+    directions of each input and parameter; ``"auto"`` checks entry by entry
+    when every batch Jacobian has at most 2·10^5 entries and every input and
+    parameter at most 2,000 (``backprop.check.modes``). The report names the
+    mode.
+
+    ``g_out`` defaults to a random array (seeded by ``seed``) of the output's
+    shape, or a tuple of them for several outputs (for a Graph: the seeds, in
+    any form ``Graph.backward`` takes). ``eps`` is the relative finite-difference
+    step; ``rtol`` and ``atol`` are relative to the entry and to the largest
+    entry compared (``backprop.check.compare`` states the rule and the rounding
+    noise it allows; ``backprop.check.looks`` the entries it excludes at a
+    kink). Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
+    disagreement. The model is left at its operating point at ``inputs``.
+    """
+    options: dict[str, Any] = dict(
+        eps=eps, rtol=rtol, atol=atol, seed=seed, mode=mode, directions=directions
+    )
+    if isinstance(model, Graph):
+        feed = _feed(model, inputs, named_inputs)
+        return gradcheck_graph(model, feed, seeds=g_out, **options)
+    if not isinstance(model, Layer):
+        raise TypeError(
+            f"gradcheck: expected a Layer or a Graph (a Sequential is one), got "
+            f"{type(model).__name__}"
+        )
+    if named_inputs:
+        raise TypeError(
+            f"gradcheck: unexpected keyword(s) {', '.join(map(repr, named_inputs))}; inputs "
+            f"by name are for a Graph, a layer takes them positionally"
+        )
+    return check_layer(model, inputs, g_out=g_out, **options)
+
+
+def _feed(graph: Graph, inputs: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
+    """A Graph's inputs by name: one mapping, or positionally in declaration order (a
+    chain's ``x``, then its targets), updated by the ones given by name."""
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        feed = dict(inputs[0])
+    else:
+        names = graph.input_names()
+        if len(inputs) > len(names):
+            raise TypeError(
+                f"gradcheck: the model takes {len(names)} input(s) "
+                f"({', '.join(names)}), got {len(inputs)}"
+            )
+        feed = dict(zip(names, inputs, strict=False))
+    feed.update(named)
+    return feed
