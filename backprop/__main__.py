@@ -63,6 +63,22 @@ def _parser() -> _Parser:
         formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
     )
+    _training_arguments(demo)
+    _run_arguments(demo)
+    return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off flags (their default is 'off')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _training_arguments(demo: argparse.ArgumentParser) -> None:
+    """The network and how it is trained."""
     demo.add_argument(
         "--hidden",
         type=_positive_int,
@@ -98,6 +114,10 @@ def _parser() -> _Parser:
         metavar="λ",
         help="L2 weight decay: each step uses g + λθ",
     )
+
+
+def _run_arguments(demo: argparse.ArgumentParser) -> None:
+    """The run: its seed, its outputs and what it checks."""
     demo.add_argument(
         "--seed",
         type=_count,
@@ -128,16 +148,6 @@ def _parser() -> _Parser:
         default=True,
         help="print one plain line per epoch instead of a progress bar",
     )
-    return parser
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except for on/off flags (their default is 'off')."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

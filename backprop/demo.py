@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -214,6 +214,30 @@ def _figures(
     return written
 
 
+def _check_gradients(
+    net: Any, X: np.ndarray, y: np.ndarray, say: Callable[[str], None]
+) -> tuple[float | None, GradcheckError | None]:
+    """The three-way check of the trained net on the examples ``X``: ``(worst
+    relative error, None)``, or ``(None, the error)`` when it fails."""
+    k = X.shape[0]
+    if k == 0:
+        return None, None
+    t = time.perf_counter()
+    try:
+        report = gradcheck(net, X, y[:k])
+    except GradcheckError as e:
+        say(f"gradcheck FAILED: {e}")
+        return None, e
+    exact = max(v for c, v in report.checks.items() if "finite" not in c)
+    say(
+        f"gradcheck on {k} test examples: {len(report.checks)} comparisons passed in "
+        f"{time.perf_counter() - t:.1f} s; worst relative error {report.worst:.1e} "
+        f"(against finite differences), {exact:.1e} between the fast backward pass "
+        f"and the explicit Jacobians"
+    )
+    return report.worst, None
+
+
 def run(
     *,
     hidden: Sequence[int] = DEFAULTS["hidden"],
@@ -276,25 +300,7 @@ def run(
     )
     say(f"trained in {history.seconds[-1]:.1f} s")
 
-    worst: float | None = None
-    failure: GradcheckError | None = None
-    k = min(gradcheck_examples, X_test.shape[0])
-    if k > 0:
-        t = time.perf_counter()
-        try:
-            report = gradcheck(net, X_test[:k], y_test[:k])
-            worst = report.worst
-            exact = max(v for c, v in report.checks.items() if "finite" not in c)
-            say(
-                f"gradcheck on {k} test examples: {len(report.checks)} comparisons passed in "
-                f"{time.perf_counter() - t:.1f} s; worst relative error {worst:.1e} "
-                f"(against finite differences), {exact:.1e} between the fast backward pass "
-                f"and the explicit Jacobians"
-            )
-        except GradcheckError as e:
-            failure = e
-            say(f"gradcheck FAILED: {e}")
-
+    worst, failure = _check_gradients(net, X_test[:gradcheck_examples], y_test, say)
     if plt is None or folder is None:
         say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
         figures = []

@@ -431,6 +431,10 @@ class Layer:
                 if self._check is not None:
                     self._check(x, t)
                 return (x, t)
+        return self._validate_general(x_in)
+
+    def _validate_general(self, x_in: Sequence[Any]) -> tuple[np.ndarray, ...]:
+        """Any inputs: each converted or refused with an error naming it, then checked."""
         if len(x_in) != len(self.inputs):
             need = ", ".join(self.inputs)
             raise TypeError(
@@ -438,29 +442,11 @@ class Layer:
             )
         dtype = self._dtype()
         arrays = []
-        labels = self.label_inputs
         for what, x in zip(self.inputs, x_in, strict=True):
-            if labels and what in labels:
-                x = np.asarray(x)
-                if x.dtype.kind not in "iu":  # signed or unsigned integers
-                    raise TypeError(
-                        f"{self!r}: {what} must be integer class labels, got dtype {x.dtype} "
-                        f"(shape {x.shape})"
-                    )
-            else:
-                if not (
-                    type(x) is np.ndarray
-                    and x.dtype in FLOAT_DTYPES
-                    and (dtype is None or x.dtype == dtype)
-                ):
-                    x = check_float(repr(self), what, x, dtype)
-                if dtype is None:
-                    dtype = x.dtype
-            if x.ndim == 0:
-                raise ValueError(
-                    f"{self!r}: {what} is a scalar; layers take a batch of shape (B, ...)"
-                )
-            arrays.append(_owned(x))
+            x = self._as_input(what, x, dtype)
+            if what not in self.label_inputs and dtype is None:
+                dtype = x.dtype  # the first float input sets the dtype of the others
+            arrays.append(x)
         if any(x.shape[0] != arrays[0].shape[0] for x in arrays):
             if self._check is not None:
                 # The layer's own check may know the cause better (say, logits without a
@@ -477,6 +463,25 @@ class Layer:
         if self._check is not None:
             self._check(*arrays)
         return tuple(arrays)
+
+    def _as_input(self, what: str, x: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
+        """Input ``what`` as an owned array: integer labels, or float data of ``dtype``."""
+        if what in self.label_inputs:
+            x = np.asarray(x)
+            if x.dtype.kind not in "iu":  # signed or unsigned integers
+                raise TypeError(
+                    f"{self!r}: {what} must be integer class labels, got dtype {x.dtype} "
+                    f"(shape {x.shape})"
+                )
+        elif not (
+            type(x) is np.ndarray
+            and x.dtype in FLOAT_DTYPES
+            and (dtype is None or x.dtype == dtype)
+        ):
+            x = check_float(repr(self), what, x, dtype)
+        if x.ndim == 0:
+            raise ValueError(f"{self!r}: {what} is a scalar; layers take a batch of shape (B, ...)")
+        return _owned(x)
 
     def _operating_point(self, what: str) -> OperatingPoint:
         if self._op is None:

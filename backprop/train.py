@@ -262,19 +262,7 @@ def fit(
     X, y = _data("training", X, y)
     val = _data("validation", *validation) if validation is not None else None
     net = _Net(model, loss)
-    params = net.parameters()
-    if optimizer is None:
-        optimizer = Adam(params, lr=1e-3)
-    elif not isinstance(optimizer, Optimizer):
-        raise TypeError(f"fit: optimizer must be an Optimizer, got {type(optimizer).__name__}")
-    missing = [p for p in params if p not in optimizer.state]
-    if missing:
-        names = {id(p): n for n, p in model.named_parameters().items()}
-        listed = ", ".join(names.get(id(p), repr(p)) for p in missing)
-        raise ValueError(
-            f"fit: the optimizer does not hold these parameters of the model: {listed}; "
-            f"build it over model.parameters()"
-        )
+    optimizer = _optimizer_for(net, optimizer)
     rng = np.random.default_rng(seed)
     out = sys.stdout if file is None else file
     bar = _progress_bar_factory(out) if progress is True else None
@@ -290,19 +278,8 @@ def fit(
         pbar = (
             bar(total=n_batches, desc=label, leave=True, file=out, mininterval=0.2) if bar else None
         )
-        total, correct = 0.0, 0
         try:
-            for b in range(n_batches):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                J, y_hat, grads = net.step(X[idx], y[idx])
-                optimizer.step(grads)
-                total += J * idx.size
-                correct += _n_correct(y_hat, y[idx])
-                if pbar is not None:
-                    pbar.update(1)
-                    if b % 10 == 0 or b == n_batches - 1:
-                        seen = b * batch_size + idx.size
-                        pbar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
+            total, correct = _epoch(net, optimizer, X, y, order, batch_size, pbar)
             history.epoch.append(epoch)
             history.train_loss.append(total / n)
             history.train_accuracy.append(correct / n if classify else math.nan)
@@ -320,6 +297,51 @@ def fit(
             summary = _summary(history, -1, validation_label)
             print(f"{label}  {summary}  ({history.seconds[-1]:.1f} s)", file=out)
     return history
+
+
+def _optimizer_for(net: _Net, optimizer: Optimizer | None) -> Optimizer:
+    """The optimizer ``fit`` steps: ``Adam(lr=1e-3)`` by default; a given one must
+    hold every parameter of the model."""
+    params = net.parameters()
+    if optimizer is None:
+        return Adam(params, lr=1e-3)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"fit: optimizer must be an Optimizer, got {type(optimizer).__name__}")
+    missing = [p for p in params if p not in optimizer.state]
+    if missing:
+        names = {id(p): n for n, p in net.model.named_parameters().items()}
+        listed = ", ".join(names.get(id(p), repr(p)) for p in missing)
+        raise ValueError(
+            f"fit: the optimizer does not hold these parameters of the model: {listed}; "
+            f"build it over model.parameters()"
+        )
+    return optimizer
+
+
+def _epoch(
+    net: _Net,
+    optimizer: Optimizer,
+    X: np.ndarray,
+    y: np.ndarray,
+    order: np.ndarray,
+    batch_size: int,
+    pbar: Any,
+) -> tuple[float, int]:
+    """One pass over the minibatches in ``order``: ``(Σ loss·size, correct predictions)``."""
+    total, correct = 0.0, 0
+    n_batches = -(-order.size // batch_size)
+    for b in range(n_batches):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        J, y_hat, grads = net.step(X[idx], y[idx])
+        optimizer.step(grads)
+        total += J * idx.size
+        correct += _n_correct(y_hat, y[idx])
+        if pbar is not None:
+            pbar.update(1)
+            if b % 10 == 0 or b == n_batches - 1:
+                seen = b * batch_size + idx.size
+                pbar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
+    return total, correct
 
 
 def predict(model: Any, X: Any, *, batch_size: int = 1024) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from backprop.layer import Layer, Parameter
 
-__all__ = ["Handle", "NodeInfo", "topological_order"]
+__all__ = ["Handle", "NodeInfo", "summary_table", "topological_order"]
 
 
 def topological_order(inputs_of: list[list[int]], names: list[str] | None = None) -> list[int]:
@@ -160,3 +160,26 @@ def reduces_batch(layer: Any, port: int = 0) -> bool:
         if layer is None:  # an input given straight to the output
             return False
     return bool(layer.reduces_batch)
+
+
+def summary_table(graph: Any) -> str:
+    """``Graph.summary``: a text table of node, layer, inputs, output shape, parameters."""
+    rows = [("node", "layer", "inputs", "output shape", "params")]
+    for info in graph.nodes():
+        layer = "input" if info.layer is None else repr(info.layer).splitlines()[0]
+        if info.auto:
+            layer += " (auto)"
+        count = sum(p.size for _, p in node_params(info.layer))
+        shape = "-" if info.shape is None else str(info.shape)
+        if info.n_outputs > 1 and info.shape is not None:
+            shape = f"{info.n_outputs} × {shape}"
+        rows.append((info.name, layer, ", ".join(info.inputs) or "-", shape, str(count)))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total = sum(p.size for p in graph.parameters())
+    outs = ", ".join(graph.output_names()) or "(not declared)"
+    lines.append(f"outputs: {outs}; {total} parameters")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from backprop.graph import chain, run
+from backprop.graph import chain, run, state
 from backprop.graph.build import (
     Handle,
     NodeInfo,
@@ -15,6 +15,7 @@ from backprop.graph.build import (
     leaf_layers,
     node_params,
     reduces_batch,
+    summary_table,
     topological_order,
 )
 from backprop.layer import Layer, Parameter
@@ -355,56 +356,6 @@ class Graph:
         """Put every layer in evaluation mode (Dropout off, BatchNorm's running statistics)."""
         return self.train(False)
 
-    # -- state: snapshots for a failed forward, tokens for a stale backward ---------------
-    def _current_tokens(self) -> list[Any]:
-        """What the last forward left in each layer (its operating point) and nested graph."""
-        return [layer._op for layer in self._layers] + [g._forward_id for g in self._nested]
-
-    def _snapshot(self) -> tuple[Any, ...]:
-        own: tuple[Any, ...] = (self._state, self._values, self._meta, self._needs)
-        own += (self._wanted, self._tokens, self._forward_id)
-        ops = [layer._op for layer in self._layers]
-        return own, ops, [(inner, inner._snapshot()) for inner in self._nested]
-
-    def _restore(self, snapshot: tuple[Any, ...]) -> None:
-        own, ops, nested = snapshot
-        (self._state, self._values, self._meta, self._needs, self._wanted, self._tokens) = own[:6]
-        self._forward_id = own[6]
-        for layer, op in zip(self._layers, ops, strict=True):
-            layer._op = op
-        for inner, saved in nested:
-            inner._restore(saved)
-
-    def _backward_plan(self, wanted: tuple[bool, ...]) -> list[tuple[Any, ...]]:
-        """The steps backward takes, in reverse order, when input ``k`` wants a gradient
-        iff ``wanted[k]``: ``(index, node, layer, input slots, output slots, which inputs
-        need a gradient, whether any does)`` for every node that needs one."""
-        plan = self._plans.get(wanted)
-        if plan is None:
-            needs = self._needs_for(wanted)
-            plan = []
-            for i, node, ins, outs in reversed(self._steps):
-                if needs[i]:
-                    need_in = tuple(needs[j] for j, _ in node.inputs)
-                    plan.append((i, node, node.layer, ins, outs, need_in, any(need_in)))
-            self._plans[wanted] = plan
-        return plan
-
-    def _needs_for(self, wanted: tuple[bool, ...]) -> list[bool]:
-        """Which nodes backward visits when input ``k`` wants a gradient iff ``wanted[k]``:
-        those with parameters, or with such an input, below them."""
-        needs = self._needs_by_inputs.get(wanted)
-        if needs is None:
-            needs = [False] * len(self._nodes)
-            for i, want in zip(self._inputs, wanted, strict=True):
-                needs[i] = want
-            for i in self._order:
-                node = self._nodes[i]
-                if node.kind != "input":
-                    needs[i] = self._has_params[i] or any(needs[j] for j, _ in node.inputs)
-            self._needs_by_inputs[wanted] = needs
-        return needs
-
     def require_forward(self, what: str = "backward") -> None:
         """Raise a ``RuntimeError`` unless the operating point of the last cached
         ``forward`` is still in every layer (what ``backward`` and the tools need)."""
@@ -423,7 +374,7 @@ class Graph:
                 f"{where}: the last forward ran with cache=False, which keeps no operating "
                 f"point; run forward(..., cache=True) before {what}"
             )
-        tokens = self._current_tokens()
+        tokens = state.tokens(self)
         if tokens != self._tokens:
             owners = self._layers + self._nested
             for owner, now, then in zip(owners, tokens, self._tokens, strict=True):
@@ -556,26 +507,7 @@ class Graph:
 
     def summary(self) -> str:
         """A text table: node, layer, inputs, output shape, parameter count."""
-        rows = [("node", "layer", "inputs", "output shape", "params")]
-        for info in self.nodes():
-            layer = "input" if info.layer is None else repr(info.layer).splitlines()[0]
-            if info.auto:
-                layer += " (auto)"
-            count = sum(p.size for _, p in node_params(info.layer))
-            shape = "-" if info.shape is None else str(info.shape)
-            if info.n_outputs > 1 and info.shape is not None:
-                shape = f"{info.n_outputs} × {shape}"
-            rows.append((info.name, layer, ", ".join(info.inputs) or "-", shape, str(count)))
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        total = sum(p.size for p in self.parameters())
-        outs = ", ".join(self._output_names) or "(not declared)"
-        lines.append(f"outputs: {outs}; {total} parameters")
-        return "\n".join(lines)
+        return summary_table(self)
 
     def __str__(self) -> str:
         return self.summary()

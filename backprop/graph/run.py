@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backprop.graph import state
 from backprop.jacobian import explicit_vjp
 from backprop.layer import FLOAT_DTYPES, Layer, Parameter, check_float
 
@@ -87,7 +88,7 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
     consumer has read it (only its shape is kept). A failed node leaves every
     node at its previous operating point.
     """
-    snapshot = graph._snapshot()
+    saved = state.snapshot(graph)
     values: list[Any] = [None] * len(graph._slots)
     meta: list[Any] = [None] * len(graph._slots) if not cache else []
     float_input: dict[int, bool] = {}
@@ -110,14 +111,14 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
         # Which inputs want a gradient: float data that requires one.
         wanted = tuple(graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs)
     except BaseException:
-        graph._restore(snapshot)
+        state.restore(graph, saved)
         raise
     graph._values, graph._meta = values, meta
     graph._wanted = wanted
-    graph._needs = graph._needs_for(wanted)
+    graph._needs = state.needs_for(graph, wanted)
     graph._state = "cached" if cache else "uncached"
     graph._forward_id = next(_forward_ids)
-    graph._tokens = graph._current_tokens() if cache else []
+    graph._tokens = state.tokens(graph) if cache else []
     return tuple(values[graph._slots[src]] for src in graph._outputs)
 
 
@@ -255,7 +256,7 @@ def backward(
     uses: list[tuple[Parameter, str, np.ndarray]] = []
     grads_in: dict[str, np.ndarray] = {}
     step = _per_example_step if per_example else _STEPS[mode]
-    for i, node, layer, ins, outs, need_in, want in graph._backward_plan(wanted):
+    for i, node, layer, ins, outs, need_in, want in state.backward_plan(graph, wanted):
         if layer is None:  # an input: its gradient is complete (chapter 14.9)
             gi = g[outs[0]]
             if gi is None:
