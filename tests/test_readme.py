@@ -23,5 +23,11 @@ def test_readme_examples_run():
     assert "Dense 3×4: W (batch of 2, shared by the batch)" in printed
     assert "Kronecker 3×12: I ⊗ x_inᵀ (batch of 2, per example)" in printed
     assert "comparisons passed" in printed
+    assert "Parameter '0.W' (3, 4) float64" in printed
+    assert "RepeatedBlock 15×20: W (I_5 ⊗ 3×4 block)" in printed
+    assert "KroneckerMatrix 15×12: I ⊗ x_pᵀ per position (rows positions-major" in printed
+    assert "Tile 15×3: [I; I; …; I (5 copies)]" in printed
+    report = namespace["report"]
+    assert report.worst < 1e-6  # type: ignore[attr-defined]
     assert namespace["L_x"].to_dense().shape == (2, 3, 4)  # type: ignore[attr-defined]
     assert set(namespace["grads"].inputs) == {"x", "y"}  # type: ignore[attr-defined]
