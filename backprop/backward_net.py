@@ -228,7 +228,7 @@ class _Builder:
         ``names[k]`` names the node of input ``k`` (None: ``<label>_back``);
         ``need[k]`` False skips that input (the parameters' nodes are always made).
         """
-        op = layer._operating_point("backward_graph")
+        op = layer.operating_point("backward_graph")
         if all(h is None for h in outs):
             return [None] * len(layer.inputs)
         L_x, L_theta = layer.jacobians()
@@ -294,7 +294,7 @@ class _Builder:
         ``_finish`` adds up and then sums over the batch (eq. 14.47).
         """
         g = cast(Handle, outs[0])  # layers with parameters have one output
-        x_out = cast(np.ndarray, layer._operating_point("backward_graph").x_out)
+        x_out = cast(np.ndarray, layer.operating_point("backward_graph").x_out)
         if self.uses.get(p, 0) > 1:
             term = VJP(L, p.shape, label=f"{L.label}, per example")
             self.param_grads[p].append(cast(Handle, self.g.add(term, g, name=label)))

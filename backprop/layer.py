@@ -483,6 +483,13 @@ class Layer:
             raise ValueError(f"{self!r}: {what} is a scalar; layers take a batch of shape (B, ...)")
         return _owned(x)
 
+    def operating_point(self, what: str = "operating_point") -> OperatingPoint:
+        """What the last cached ``forward`` kept: ``x_in``, ``theta``, ``x_out``.
+
+        A ``RuntimeError`` naming the layer (and ``what`` needed it) if there is none.
+        """
+        return self._operating_point(what)
+
     def _operating_point(self, what: str) -> OperatingPoint:
         if self._op is None:
             raise RuntimeError(

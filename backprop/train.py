@@ -117,7 +117,7 @@ class _Net:
         """``(J, prediction, {Parameter: dJ/dθ})`` for one minibatch."""
         if self.own_loss:
             J = self.model.forward({self.input_name: x, self.label_name: y})
-            y_hat = self.loss._operating_point("fit").x_in[0]
+            y_hat = self.loss.operating_point("fit").x_in[0]
             return float(J), y_hat, self.model.backward(input_grad=False).params
         y_hat = self.model.forward({self.input_name: x})
         J = self.loss.forward(y_hat, y)

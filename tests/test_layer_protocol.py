@@ -103,3 +103,14 @@ def test_a_two_input_layer_must_return_one_gradient_per_input() -> None:
     layer.forward(np.ones((2, 2)), np.ones((2, 2)))
     with pytest.raises(RuntimeError, match=r"HalfAdd\(\)._backward returned ndarray.*2 inputs"):
         layer.backward(np.ones((2, 2)))
+
+
+def test_the_operating_point_is_public_and_named_when_missing() -> None:
+    layer = Cube()
+    with pytest.raises(RuntimeError, match=r"Cube\(\): operating_point\(\) needs .*forward"):
+        layer.operating_point()
+    x = np.full((2, 3), 2.0)
+    layer.forward(x)
+    op = layer.operating_point()
+    np.testing.assert_array_equal(op.x_in[0], x)
+    np.testing.assert_array_equal(op.x_out, np.full((2, 3), 8.0))

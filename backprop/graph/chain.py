@@ -156,7 +156,7 @@ def output_rows(layer: Layer, L: Jacobian) -> list[Jacobian]:
 
     For a fan-out ``Branch`` (``L = [I; I; ...]``) each part is ``I`` itself.
     """
-    op = layer._operating_point("jacobians")
+    op = layer.operating_point("jacobians")
     sizes = [int(x[0].size) for x in op.x_out]
     total, start, parts = sum(sizes), 0, []
     for n in sizes:
