@@ -268,3 +268,21 @@ class Checker:
             f"(up to {float(x.noise.max(initial=0.0)):.2g}); rtol={self.rtol:g}, "
             f"atol={self.atol:g}{note}\n" + "\n".join(rows)
         )
+
+
+def require_float64(
+    name: str, inputs: dict[str, np.ndarray], params: dict[str, Any], fix: str
+) -> None:
+    """A ``TypeError`` for a float input or a parameter that is not float64: finite
+    differences in float32 prove nothing. ``fix`` says how to build a float64 model."""
+    for label, x in inputs.items():
+        if not np.issubdtype(x.dtype, np.integer) and x.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: input {label} is {x.dtype}; gradcheck runs in float64 "
+                f"(finite differences in float32 prove nothing)"
+            )
+    for label, p in params.items():
+        if p.dtype != np.float64:
+            raise TypeError(
+                f"gradcheck {name}: parameter {label!r} is {p.dtype}; {fix} in float64 to check it"
+            )

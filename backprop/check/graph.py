@@ -21,6 +21,7 @@ from backprop.check.compare import (
     GradcheckError,
     GradcheckReport,
     entries,
+    require_float64,
     scalar_entry,
 )
 from backprop.check.differences import ULP, Differences, along
@@ -111,7 +112,7 @@ def gradcheck_graph(
     name = repr(graph)
     feed = {k: np.asarray(v) for k, v in inputs.items()}
     named = graph.named_parameters()
-    _require_float64(name, feed, named)
+    require_float64(name, {repr(k): x for k, x in feed.items()}, named, "build the graph")
     rng = np.random.default_rng(seed)
     outs = graph.forward(feed)  # a bad input fails here, once, before any perturbation
     try:
@@ -130,21 +131,6 @@ def gradcheck_graph(
     finally:
         graph.forward(feed)
     return check.report
-
-
-def _require_float64(name: str, feed: dict[str, np.ndarray], named: dict[str, Parameter]) -> None:
-    for key, x in feed.items():
-        if not np.issubdtype(x.dtype, np.integer) and x.dtype != np.float64:
-            raise TypeError(
-                f"gradcheck {name}: input {key!r} is {x.dtype}; gradcheck runs in float64 "
-                f"(finite differences in float32 prove nothing)"
-            )
-    for pname, p in named.items():
-        if p.dtype != np.float64:
-            raise TypeError(
-                f"gradcheck {name}: parameter {pname!r} is {p.dtype}; build the graph in "
-                f"float64 to check it"
-            )
 
 
 def _seed_map(

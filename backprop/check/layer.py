@@ -20,6 +20,7 @@ from backprop.check.compare import (
     GradcheckReport,
     entries,
     index,
+    require_float64,
     scalar_entry,
 )
 from backprop.check.differences import ULP, Differences, along, ravel
@@ -166,7 +167,8 @@ def check_layer(
     """``gradcheck`` of a ``Layer``: see ``backprop.check.gradcheck``."""
     name = repr(layer).splitlines()[0]
     xs = [np.asarray(x) for x in inputs]
-    _require_float64(name, xs, layer.params)
+    arrays = {str(i): x for i, x in enumerate(xs)}
+    require_float64(name, arrays, layer.params, "build the model with dtype=np.float64")
     rng = np.random.default_rng(seed)
     out = layer.forward(*xs)  # a bad input fails here, once, before any perturbation
     try:
@@ -189,21 +191,6 @@ def check_layer(
     finally:
         layer.forward(*xs)
     return run.check.report
-
-
-def _require_float64(name: str, xs: list[np.ndarray], params: dict[str, Parameter]) -> None:
-    for i, x in enumerate(xs):
-        if not np.issubdtype(x.dtype, np.integer) and x.dtype != np.float64:
-            raise TypeError(
-                f"gradcheck {name}: input {i} is {x.dtype}; gradcheck runs in float64 "
-                f"(finite differences in float32 prove nothing)"
-            )
-    for key, p in params.items():
-        if p.dtype != np.float64:
-            raise TypeError(
-                f"gradcheck {name}: parameter {key!r} is {p.dtype}; build the model with "
-                f"dtype=np.float64 to check it"
-            )
 
 
 def _targets(layer: Layer, xs: list[np.ndarray], outs: Outputs, v: Any) -> Iterator[_Target]:
