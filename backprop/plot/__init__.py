@@ -1,0 +1,33 @@
+"""Figures: training curves, Jacobians, one backward step, and networks drawn as DAGs.
+
+Matplotlib is an optional extra (``pip install 'backprop[plot]'``); it is imported
+inside each function, so ``import backprop`` never needs it. ``to_dot`` needs
+nothing. Every function returns the matplotlib ``Figure`` it drew on (that of
+``ax`` when one is given) and never calls ``plt.show()``.
+
+The chapter's conventions hold in every picture: a Jacobian ``L`` of one example
+is drawn as a matrix with one row per entry of ``x_out`` and one column per
+entry of ``x_in`` (or of θ), so a gradient, a row vector ``g``, multiplies it
+from the left (eq. 14.8 and 14.10).
+
+- ``jacobians``: ``plot_jacobian``, ``plot_sparsity``, ``plot_backward_step``;
+- ``history``: ``plot_history``, the training curves;
+- ``inputs``: ``plot_input_gradients``, gradients with respect to an input image;
+- ``dag``: ``draw_graph`` and ``to_dot``, a model as a DAG (read by ``_view``,
+  placed by ``_layout``).
+"""
+
+from backprop.plot.dag import draw_graph, to_dot
+from backprop.plot.history import plot_history
+from backprop.plot.inputs import plot_input_gradients
+from backprop.plot.jacobians import plot_backward_step, plot_jacobian, plot_sparsity
+
+__all__ = [
+    "draw_graph",
+    "plot_backward_step",
+    "plot_history",
+    "plot_input_gradients",
+    "plot_jacobian",
+    "plot_sparsity",
+    "to_dot",
+]
