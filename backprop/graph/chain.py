@@ -22,12 +22,12 @@ eq. 14.46).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backprop.graph.run import InputsAndParams
 from backprop.jacobian import Dense, Identity, Jacobian, Rows
 from backprop.layer import Layer, Parameter
 
@@ -42,7 +42,7 @@ _Cache = dict[int, tuple[tuple[Any, ...], dict[str, Jacobian]]]
 
 
 @dataclass(frozen=True)
-class Jacobians:
+class Jacobians(InputsAndParams):
     """What ``jacobians()`` returns, for any model.
 
     ``inputs[name]`` is ``∂out/∂(input)`` for every input that ``backward``
@@ -60,16 +60,6 @@ class Jacobians:
 
     inputs: dict[str, Jacobian]
     params: dict[Parameter, Jacobian]
-
-    def __getitem__(self, key: str | Parameter | int) -> Any:
-        if isinstance(key, Parameter):
-            return self.params[key]
-        if isinstance(key, int):  # as the pair it unpacks to
-            return tuple(self)[key]
-        return self.inputs[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((next(iter(self.inputs.values()), None), self.params))
 
 
 def jacobians(graph: Graph, output: str | None, order: str) -> Jacobians:

@@ -40,8 +40,31 @@ for _one in _ONE.values():
     _one.setflags(write=False)
 
 
+class InputsAndParams:
+    """What ``Gradients`` and ``Jacobians`` share: one entry per input that gets a
+    gradient (``inputs``) and per Parameter (``params``).
+
+    ``result[name]`` and ``result[p]`` index them; the result unpacks as Algorithm
+    14.1's pair ``(the first input's entry, params)``, so ``g_0, grads =
+    net.backward()`` and ``L_x, L_theta = net.jacobians()`` read as in the chapter.
+    """
+
+    inputs: dict[str, Any]
+    params: dict[Parameter, Any]
+
+    def __getitem__(self, key: str | Parameter | int) -> Any:
+        if isinstance(key, Parameter):
+            return self.params[key]
+        if isinstance(key, int):  # as the pair it unpacks to
+            return tuple(self)[key]
+        return self.inputs[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((next(iter(self.inputs.values()), None), self.params))
+
+
 @dataclass(frozen=True)
-class Gradients:
+class Gradients(InputsAndParams):
     """What ``backward`` returns, for any model.
 
     - ``inputs[name]``: ``dJ/dx`` for every float input that gets a gradient,
@@ -61,17 +84,6 @@ class Gradients:
     inputs: dict[str, np.ndarray]
     params: dict[Parameter, np.ndarray]
     per_use: dict[Parameter, list[tuple[str, np.ndarray]]]
-
-    def __getitem__(self, key: str | Parameter | int) -> Any:
-        if isinstance(key, Parameter):
-            return self.params[key]
-        if isinstance(key, int):  # as the pair it unpacks to
-            return tuple(self)[key]
-        return self.inputs[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        first = next(iter(self.inputs.values()), None)
-        return iter((first, self.params))
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{k} {v.shape}" for k, v in self.inputs.items())

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from backprop.layer import Layer, Loss, Parameter
+from backprop.graph.build import node_params
+from backprop.layer import Layer, Loss
 from backprop.layers.structure import Merge
 
 
@@ -51,13 +52,6 @@ def _short(layer: Any) -> str:
     return text[:-2] if text.endswith("()") else text
 
 
-def _layer_params(layer: Any) -> list[tuple[str, Parameter]]:
-    """A layer's own parameters, or those of a nested model by their names in it."""
-    if isinstance(layer, Layer):
-        return list(layer.params.items())
-    return list(layer.named_parameters().items())
-
-
 def _param_nodes(
     key: str, layer: Any, names: dict[int, str], drawn: dict[int, DrawNode], nodes: list[DrawNode]
 ) -> list[str]:
@@ -67,7 +61,7 @@ def _param_nodes(
     is one box, drawn at its first use.
     """
     keys = []
-    for pname, p in _layer_params(layer):
+    for pname, p in node_params(layer):
         node = drawn.get(id(p))
         if node is None:
             full = names.get(id(p), f"{key}.{pname}")
