@@ -109,7 +109,7 @@ def gradcheck_graph(
     the central difference of ``t ↦ φ(z + t·u)``. ``mode="auto"`` picks by the
     sizes. The graph is left at its operating point at ``inputs``.
     """
-    name = repr(graph)
+    name = repr(graph).splitlines()[0].rstrip("(")  # "Sequential", or the Graph one-liner
     feed = {k: np.asarray(v) for k, v in inputs.items()}
     named = graph.named_parameters()
     require_float64(name, {repr(k): x for k, x in feed.items()}, named, "build the graph")

@@ -131,6 +131,9 @@ class Sequential(Graph):
         node = self._nodes[i]
         return f"Sequential layer {node.name} ({node.layer!r})"
 
+    def __str__(self) -> str:
+        return repr(self)  # the chain, one layer a line; summary() gives the node table
+
     def __repr__(self) -> str:
         lines = ["Sequential("]
         for i, layer in enumerate(self.layers):
