@@ -93,7 +93,8 @@ def test_numpy_reference_matches_independent_step(size: str, dtype: Any) -> None
 def test_every_contestant_first_step_matches_reference(size: str, dtype: Any) -> None:
     p = problems.make_problem(size, dtype)
     contestants = steps.step_contestants(p)
-    assert {"numpy", "engine", "engine_explicit"} <= set(contestants)
+    assert {"numpy", "engine"} <= set(contestants)
+    assert not any("explicit" in name for name in contestants)  # explicit mode is not timed
     for name, factory in contestants.items():
         ok, msg = steps.check_first_step(factory, p)
         assert ok, f"{name} ({size}, {np.dtype(dtype).name}): {msg}"
@@ -150,10 +151,13 @@ def test_quick_run_writes_its_results(tmp_path: Path) -> None:
     assert {"numpy", "engine"} <= set(result["timings"])
     measured = [g["goal"] for g in report["goals"] if g["holds"] is not None]
     assert measured == ["tiny step float64: engine / numpy"]
-    assert "| tiny step | float64 | backprop (fast) |" in out_md.read_text()
+    md = out_md.read_text()
+    assert "| tiny step | float64 | backprop (fast) |" in md
+    assert "explicit" not in md and "explicit" not in out_json.read_text()
 
 
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 16
+    assert len(names) == len(set(names)) == 14
     assert all(g["holds"] is None for g in goals.evaluate_goals([], None))
+    assert not any("explicit" in name for name in names)

@@ -32,12 +32,6 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
         for case in ("∂y/∂x, batch 1", "∂y/∂x, batch 32")
     ),
 )
-#: Explicit mode against the fast path, after the memory goals.
-EXPLICIT_GOAL = (
-    "small step",
-    BOTH,
-    (("engine_explicit", "engine", 5.0, "explicit sparse / fast"),),
-)
 #: Peak memory of the large step, engine / numpy, per dtype measured.
 MEMORY_BOUND = 1.25
 
@@ -81,8 +75,4 @@ def evaluate_goals(
             goals.append(
                 _goal("no float64 arrays in a float32 step", None, None, n == 0, f"{n} found")
             )
-    case, dtypes, bounds = EXPLICIT_GOAL
-    for dt in dtypes:
-        for a, b, bound, what in bounds:
-            goals.append(_bounded(f"{case} {dt}: {what}", _ratio(results, case, dt, a, b), bound))
     return goals

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .steps import AutogradStep, EngineExplicitStep, EngineStep, NumpyStep, TorchStep
+from .steps import AutogradStep, EngineStep, NumpyStep, TorchStep
 from .timing import FINE
 
 LABELS = {
     "numpy": NumpyStep.label,
     "engine": EngineStep.label,
-    "engine_explicit": EngineExplicitStep.label,
     "torch": TorchStep.label,
     "autograd": AutogradStep.label,
     "numpy_chain": "numpy chain W3 diag W2 diag W1",

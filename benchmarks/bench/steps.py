@@ -73,7 +73,6 @@ class EngineStep:
     """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``."""
 
     label = "backprop (fast)"
-    mode = "fast"
 
     def __init__(self, p: Problem) -> None:
         self.net = build_engine_net(p)
@@ -82,20 +81,13 @@ class EngineStep:
 
     def step(self) -> float:
         J = self.net.forward(self.X, self.y)
-        _, grads = self.net.backward(mode=self.mode, input_grad=False)
+        _, grads = self.net.backward(input_grad=False)
         self.opt.step(grads)
         return float(J)
 
     def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         lins = [layer for layer in self.net if isinstance(layer, bp.Linear)]
         return [(lin.params["W"].value, lin.params["b"].value) for lin in lins]
-
-
-class EngineExplicitStep(EngineStep):
-    """This engine, running Algorithm 14.1 literally with ``scipy.sparse`` Jacobians."""
-
-    label = "backprop (explicit sparse)"
-    mode = "explicit"
 
 
 class TorchStep:
@@ -208,8 +200,6 @@ def torch_ok() -> bool:
 def step_contestants(p: Problem) -> dict[str, Callable[[Problem], Any]]:
     """The contestants for problem ``p``: name -> factory. The reference comes first."""
     out: dict[str, Callable[[Problem], Any]] = {"numpy": NumpyStep, "engine": EngineStep}
-    if p.name in ("tiny", "small"):
-        out["engine_explicit"] = EngineExplicitStep
     if torch_ok():
         out["torch"] = TorchStep
     if importable("autograd"):
