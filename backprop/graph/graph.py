@@ -183,6 +183,7 @@ class Graph:
         # each value, and each node's step (its index, its input slots, its output slots).
         values = [(i, k) for i, n in enumerate(self._nodes) for k in range(n.n_out)]
         self._slots = {src: slot for slot, src in enumerate(values)}
+        self._output_slots = [self._slots[src] for src in srcs]
         self._steps = [
             (
                 i,

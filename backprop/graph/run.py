@@ -106,9 +106,10 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
     float_input: dict[int, bool] = {}
     try:
         for i, node, ins, outs in graph._steps:
-            if node.layer is None:  # an input
+            layer = node.layer
+            if layer is None:  # an input
                 x = values[outs[0]] = np.asarray(given[node.name])
-                float_input[i] = x.dtype in FLOAT_DTYPES
+                float_input[i] = x.dtype.kind == "f"
                 continue
             args = [values[k] for k in ins]
             if not cache:
@@ -120,18 +121,17 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
                     values[k] = o
             else:
                 values[outs[0]] = out
-        # Which inputs want a gradient: float data that requires one.
-        wanted = tuple(graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs)
     except BaseException:
         state.restore(graph, saved)
         raise
-    graph._values, graph._meta = values, meta
-    graph._wanted = wanted
+    # Which inputs want a gradient: float data that requires one.
+    wanted = tuple([graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs])
+    graph._values, graph._meta, graph._wanted = values, meta, wanted
     graph._needs = state.needs_for(graph, wanted)
     graph._state = "cached" if cache else "uncached"
     graph._forward_id = next(_forward_ids)
     graph._tokens = state.tokens(graph) if cache else []
-    return tuple(values[graph._slots[src]] for src in graph._outputs)
+    return tuple([values[k] for k in graph._output_slots])
 
 
 def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
@@ -167,6 +167,7 @@ def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
 
 
 def _run(graph: Graph, i: int, args: list[Any], cache: bool) -> Any:
+    """Node ``i`` on ``args``; its errors say which node, and the shapes it was given."""
     node = graph._nodes[i]
     layer = node.layer
     try:
@@ -290,6 +291,10 @@ def backward(
         else:
             g_outs = list(g_out) if node.multi else [g_out]
             g_in = _nested_backward(layer, node.name, g_outs, mode, per_example, uses)
+        if type(g_in) is not tuple:  # one input, one gradient
+            if want and g_in is not None:
+                g[ins[0]] = g_in
+            continue
         for k, gi, ni in zip(ins, g_in, need_in, strict=True):
             if ni and gi is not None:
                 g[k] = gi
@@ -348,8 +353,7 @@ _Step = tuple[tuple[Any, ...], dict[str, np.ndarray]]
 
 
 def _fast_step(layer: Layer, g_out: Any, input_grad: bool) -> _Step:
-    g_in, grads = layer.backward(g_out, input_grad=input_grad)
-    return (g_in if isinstance(g_in, tuple) else (g_in,)), grads
+    return layer.backward(g_out, input_grad=input_grad)
 
 
 def _explicit_step(layer: Layer, g_out: Any, input_grad: bool) -> _Step:
