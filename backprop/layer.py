@@ -215,6 +215,12 @@ class Layer:
     #: ``fan_out(n)`` makes ``n`` copies whose gradients add (eq. 14.46). Set by
     #: ``backprop.layers`` to its ``Branch``, so that a Graph needs no concrete layer.
     fan_out: ClassVar[Callable[[int], Layer]]
+    #: True for a layer whose forward may mix the examples of the batch (BatchNorm in
+    #: training mode). A forward that did so marks its operating point with
+    #: ``op.saved["couples_batch"] = True``; its Jacobians are then ``WholeBatch``
+    #: matrices over the batch (batch 1, ``B·|x|`` entries), ``_g_rows`` flattens
+    #: ``g_out`` into that one row, and ``per_example_grads`` refuses.
+    couples_batch: bool = False
     #: True when the class keeps ``Layer._dtype`` (set for every subclass), so the
     #: common path of ``forward`` may inline it.
     _default_dtype = True
@@ -320,6 +326,14 @@ class Layer:
         ``B`` outer products), never from a Python loop over the examples.
         """
         op = self._operating_point("per_example_grads")
+        if op.saved.get("couples_batch"):  # batch coupling: no per-example terms exist
+            raise RuntimeError(
+                f"{self!r}: per-example gradients are not defined at this operating point: "
+                f"its forward mixed the examples of the batch (batch statistics), so each "
+                f"example's output depends on every other example and dJ/dθ does not split "
+                f"into one term per example; run the model in eval mode (model.eval()) for "
+                f"per-example gradients"
+            )
         rows = self._g_rows(op, self._validate_g_out(op, g_out))
         B = rows.shape[0]
         _, L_theta = self._jacobians(op)
@@ -352,8 +366,11 @@ class Layer:
 
         An output with no batch axis (a loss's ``J``, or a layer with
         ``reduces_batch``) is a sum of the examples' terms, so each example's row
-        is all of ``g_out``.
+        is all of ``g_out``. A forward that coupled the batch (``couples_batch``) has
+        Jacobians over the whole batch: ``g_out`` is then one row of all its entries.
         """
+        if self.couples_batch and op.saved.get("couples_batch"):  # batch coupling
+            return g_out.reshape(1, -1)
         if g_out.ndim and not self.reduces_batch:
             return g_out.reshape(g_out.shape[0], -1)
         B = op.x_in[0].shape[0]

@@ -152,6 +152,35 @@ class MatVecPlus(Layer):
 DEFAULT_BACKWARD = (CubeScale, MatVecPlus)
 
 
+# -- helpers of the normalization, softmax and dropout rows -------------------------------
+
+
+def with_params(layer: Layer, seed: int) -> Layer:
+    """``layer`` with every parameter set to fixed N(0, 1) numbers (γ = 1, β = 0 at
+    construction would leave the affine part untested)."""
+    rng = np.random.default_rng(seed)
+    for p in layer.params.values():
+        p.value = rng.standard_normal(p.shape).astype(p.dtype)
+    return layer
+
+
+def batchnorm_eval(cls: type[Layer], c: int, dtype: Any) -> Layer:
+    """A BatchNorm in eval mode with fixed running statistics and parameters."""
+    layer = with_params(cls(c, dtype=dtype), 20 + c)  # type: ignore[call-arg]
+    rng = np.random.default_rng(30 + c)
+    mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+    layer.set_running_stats(mean.astype(dtype), var.astype(dtype))  # type: ignore[attr-defined]
+    return layer.eval()
+
+
+class FixedMaskDropout(bp.Dropout):
+    """Training-mode ``Dropout`` whose every forward draws the same mask (a generator
+    seeded afresh per draw), so that finite differences see one function."""
+
+    def _draw(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.random.default_rng(5).random(shape) >= self.p
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -226,6 +255,25 @@ CASES = [
     # -- the default backward: Layer._backward through the Jacobians (defined above) --
     Case("CubeScale-default-backward", lambda dt: CubeScale(4, dt), normal(4)),
     Case("MatVecPlus-default-backward", lambda dt: MatVecPlus(), several((3,), (2,))),
+    # -- normalization, softmax, dropout --
+    Case("Softmax", lambda dt: bp.Softmax(), normal(5)),
+    Case("Softmax-rows", lambda dt: bp.Softmax(), normal(3, 4)),
+    Case("Softmax-axis1", lambda dt: bp.Softmax(axis=1), normal(3, 4)),
+    Case("Softmax-T0.5", lambda dt: bp.Softmax(temperature=0.5), normal(5)),
+    Case("Softmax-axis1-T0.5", lambda dt: bp.Softmax(axis=1, temperature=0.5), normal(3, 4)),
+    Case("LogSoftmax", lambda dt: bp.LogSoftmax(), normal(5)),
+    Case("LogSoftmax-axis1", lambda dt: bp.LogSoftmax(axis=1), normal(3, 4)),
+    Case("LayerNorm-last", lambda dt: with_params(bp.LayerNorm(4, dtype=dt), 1), normal(3, 4)),
+    Case(
+        "LayerNorm-last2", lambda dt: with_params(bp.LayerNorm((3, 4), dtype=dt), 2), normal(3, 4)
+    ),
+    Case("LayerNorm-noaffine", lambda dt: bp.LayerNorm(5, affine=False), normal(5)),
+    Case("LayerNorm-noaffine-last2", lambda dt: bp.LayerNorm((2, 3), affine=False), normal(2, 3)),
+    Case("BatchNorm1d-eval", lambda dt: batchnorm_eval(bp.BatchNorm1d, 3, dt), normal(3)),
+    Case("BatchNorm1d-eval-BCL", lambda dt: batchnorm_eval(bp.BatchNorm1d, 2, dt), normal(2, 5)),
+    Case("BatchNorm2d-eval", lambda dt: batchnorm_eval(bp.BatchNorm2d, 2, dt), normal(2, 3, 2)),
+    Case("Dropout-eval", lambda dt: bp.Dropout(0.3, rng=0).eval(), normal(2, 3)),
+    Case("Dropout-train-fixed-mask", lambda dt: FixedMaskDropout(0.4), normal(2, 3)),
 ]
 
 BATCHES = [1, 4]

@@ -431,6 +431,36 @@ def _t(a: np.ndarray) -> Any:
     return torch.tensor(np.array(a, dtype=np.float64))
 
 
+def _norm_params(layer: bp.Layer, seed: int) -> bp.Layer:
+    """``layer`` with ``gamma`` and ``beta`` set to fixed random numbers."""
+    rng = np.random.default_rng(seed)
+    for p in layer.params.values():
+        p.value = rng.standard_normal(p.shape)
+    return layer
+
+
+def _running(c: int) -> tuple[Any, Any]:
+    """Fixed running statistics (mean, var) for ``c`` channels, as torch tensors."""
+    rng = np.random.default_rng(40 + c)
+    return _t(rng.standard_normal(c)), _t(rng.uniform(0.5, 2.0, c))
+
+
+def _bn_eval(layer: Any) -> bp.Layer:
+    mean, var = _running(layer.c)
+    layer.set_running_stats(mean.numpy(), var.numpy())
+    return _norm_params(layer, 6).eval()
+
+
+_DROPOUT_SEED = 9
+
+
+def _dropout_scale(shape: Any, p: float) -> np.ndarray:
+    """The first mask of a ``Dropout(p, rng=_DROPOUT_SEED)``, drawn by its documented rule
+    (``keep = default_rng(seed).random(shape) >= p``), scaled by ``1/(1 - p)``."""
+    keep = np.random.default_rng(_DROPOUT_SEED).random(tuple(shape)) >= p
+    return keep / (1.0 - p)
+
+
 def _linear(x: Any, W: Any, b: Any) -> Any:
     return F.linear(x, W, b)  # the library's parameter names, W and b, to torch's
 
@@ -540,6 +570,87 @@ TORCH_ROWS = [
     ),
     TorchRow("WeightGrad", lambda: WeightGrad(_WG_X), _normal((_B, 2)), lambda x: x.T @ _t(_WG_X)),
     TorchRow("BatchSum", BatchSum, _normal((_B, 2, 3)), lambda x: x.sum(0)),
+    # -- normalization, softmax, dropout --
+    TorchRow("Softmax", bp.Softmax, _normal((_B, 5)), lambda x: F.softmax(x, dim=-1)),
+    TorchRow(
+        "Softmax-axis1-T0.5",
+        lambda: bp.Softmax(axis=1, temperature=0.5),
+        _normal((_B, 3, 4)),
+        lambda x: F.softmax(x / 0.5, dim=1),
+    ),
+    TorchRow(
+        "Softmax-rows-T3",
+        lambda: bp.Softmax(temperature=3.0),
+        _normal((_B, 3, 4)),
+        lambda x: F.softmax(x / 3.0, dim=-1),
+    ),
+    TorchRow("LogSoftmax", bp.LogSoftmax, _normal((_B, 5)), lambda x: F.log_softmax(x, dim=-1)),
+    TorchRow(
+        "LogSoftmax-axis1",
+        lambda: bp.LogSoftmax(axis=1),
+        _normal((_B, 3, 4)),
+        lambda x: F.log_softmax(x, dim=1),
+    ),
+    TorchRow(
+        "LayerNorm-last",
+        lambda: _norm_params(bp.LayerNorm(4), 1),
+        _normal((_B, 3, 4)),
+        lambda x, gamma, beta: F.layer_norm(x, (4,), gamma, beta, eps=1e-5),
+    ),
+    TorchRow(
+        "LayerNorm-last2-eps",
+        lambda: _norm_params(bp.LayerNorm((3, 4), eps=1e-3), 2),
+        _normal((_B, 3, 4)),
+        lambda x, gamma, beta: F.layer_norm(x, (3, 4), gamma, beta, eps=1e-3),
+    ),
+    TorchRow(
+        "LayerNorm-noaffine",
+        lambda: bp.LayerNorm((2, 3), affine=False),
+        _normal((_B, 2, 3)),
+        lambda x: F.layer_norm(x, (2, 3)),
+    ),
+    TorchRow(
+        "BatchNorm1d-train",
+        lambda: _norm_params(bp.BatchNorm1d(3), 3),
+        _normal((_B, 3)),
+        lambda x, gamma, beta: F.batch_norm(x, None, None, gamma, beta, training=True),
+    ),
+    TorchRow(
+        "BatchNorm1d-train-BCL-eps",
+        lambda: _norm_params(bp.BatchNorm1d(2, eps=1e-2, momentum=0.3), 4),
+        _normal((_B, 2, 5)),
+        lambda x, gamma, beta: F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-2),
+    ),
+    TorchRow(
+        "BatchNorm2d-train",
+        lambda: _norm_params(bp.BatchNorm2d(2), 5),
+        _normal((_B, 2, 3, 3)),
+        lambda x, gamma, beta: F.batch_norm(x, None, None, gamma, beta, training=True),
+    ),
+    TorchRow(
+        "BatchNorm1d-eval",
+        lambda: _bn_eval(bp.BatchNorm1d(3)),
+        _normal((_B, 3)),
+        lambda x, gamma, beta: F.batch_norm(x, *_running(3), gamma, beta, training=False),
+    ),
+    TorchRow(
+        "BatchNorm2d-eval",
+        lambda: _bn_eval(bp.BatchNorm2d(2, eps=1e-3)),
+        _normal((_B, 2, 3, 2)),
+        lambda x, gamma, beta: F.batch_norm(x, *_running(2), gamma, beta, training=False, eps=1e-3),
+    ),
+    TorchRow(
+        "Dropout-eval",
+        lambda: bp.Dropout(0.5, rng=3).eval(),
+        _normal((_B, 5)),
+        lambda x: F.dropout(x, 0.5, training=False),
+    ),
+    TorchRow(
+        "Dropout-train",
+        lambda: bp.Dropout(0.4, rng=_DROPOUT_SEED),
+        _normal((_B, 2, 3)),
+        lambda x: x * _t(_dropout_scale(x.shape, 0.4)),
+    ),
 ]
 
 

@@ -136,6 +136,16 @@ def _plus(a: Jacobian | None, b: Jacobian | None) -> Jacobian | None:
 def _layer_jacobians(layer: Layer, cache: _Cache) -> tuple[tuple[Any, ...], dict[str, Jacobian]]:
     """``layer.jacobians()`` once per layer, with ``L_x`` always a tuple."""
     if id(layer) not in cache:
+        # A layer that coupled the batch (BatchNorm in training mode) has one Jacobian
+        # over the whole batch, which per-example chaining cannot take: refuse clearly.
+        op = layer.operating_point("jacobians")
+        if layer.couples_batch and op.saved.get("couples_batch") and op.x_in[0].shape[0] > 1:
+            raise RuntimeError(
+                f"{layer!r} mixed the examples of its batch of {op.x_in[0].shape[0]} (batch "
+                f"statistics): its Jacobian is one matrix over the whole batch, and whole-model "
+                f"Jacobians are chained per example; put the model in eval mode "
+                f"(model.eval()), or look at the layer's own layer.jacobians()"
+            )
         L_x, L_theta = layer.jacobians()
         cache[id(layer)] = (L_x if isinstance(L_x, tuple) else (L_x,), L_theta)
     return cache[id(layer)]

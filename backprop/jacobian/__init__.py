@@ -40,6 +40,7 @@ from backprop.jacobian.algebra import add, compose, compose_rule, sum_rule
 from backprop.jacobian.base import DENSE_LIMIT_BYTES, Jacobian
 from backprop.jacobian.basic import Dense, Diagonal, Identity, Sparse
 from backprop.jacobian.combinators import Product, Sum
+from backprop.jacobian.coupled import WholeBatch
 from backprop.jacobian.explicit import explicit_vjp
 from backprop.jacobian.kronecker import Kronecker, KroneckerMatrix, RepeatedBlock
 from backprop.jacobian.lowrank import DiagonalPlusLowRank
@@ -61,6 +62,7 @@ __all__ = [
     "Sparse",
     "Sum",
     "Tile",
+    "WholeBatch",
     "add",
     "compose",
     "compose_rule",

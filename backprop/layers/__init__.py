@@ -1,13 +1,22 @@
 """The layers, one module per family."""
 
+from backprop.layers.dropout import Dropout
 from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
+from backprop.layers.normalization import BatchNorm1d, BatchNorm2d, LayerNorm
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
 from backprop.layers.shape import Flatten, Reshape, Transpose
+from backprop.layers.softmax import LogSoftmax, Softmax
 from backprop.layers.structure import Add, Branch, Merge, Multiply
 
 __all__ = [
     "Add",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Dropout",
+    "LayerNorm",
+    "LogSoftmax",
+    "Softmax",
     "Branch",
     "Flatten",
     "L2Loss",

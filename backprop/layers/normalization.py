@@ -1,0 +1,335 @@
+"""Normalization layers: ``LayerNorm``, ``BatchNorm1d``, ``BatchNorm2d``, as PyTorch.
+
+Each normalises groups of entries, ``x̂ = (x - μ) / s`` with ``s = sqrt(σ² + ε)``
+(``σ²`` the biased variance of the group), then scales and shifts per feature,
+``x_out = γ ⊙ x̂ + β``. Within one group of ``m`` entries the Jacobian is
+
+    ∂x_out_i/∂x_j = (γ_i / s) (δ_ij − 1/m − x̂_i x̂_j / m),
+
+a diagonal plus rank 2: ``d = γ/s``, ``U = −(γ/(s m)) [1, x̂]``, ``V = [1, x̂]``
+(``DiagonalPlusLowRank``, two columns per group, zero outside it).
+
+- ``LayerNorm`` groups the trailing ``shape`` of each example: per example.
+- ``BatchNorm`` groups each channel over the batch and the positions. In training
+  mode that couples the examples: its Jacobians are one ``WholeBatch`` matrix over
+  the batch (``Layer.couples_batch``), and per-example gradients are refused. In
+  eval mode it uses the running statistics: a diagonal per example.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from backprop.jacobian import Diagonal, DiagonalPlusLowRank, Jacobian, Sparse, Tile
+from backprop.jacobian.coupled import WholeBatch
+from backprop.layer import Layer, OperatingPoint, Parameter
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm"]
+
+
+def _dtype_of(where: str, dtype: Any) -> np.dtype[Any]:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{where}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_eps(where: str, eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating) or not eps > 0:
+        raise ValueError(f"{where}: eps must be a positive number, got {eps!r}")
+    return float(eps)
+
+
+def _grouped_dplr(
+    scale: np.ndarray, x_hat: np.ndarray, onehot: np.ndarray, m: int, label: str
+) -> DiagonalPlusLowRank:
+    """``diag(scale) (I − (1 1ᵀ + x̂ x̂ᵀ)/m)`` within each group, for rows ``(E, N)``.
+
+    ``onehot`` ``(N, G)`` says which group each of the ``N`` entries is in.
+    """
+    E = onehot[None]  # (1, N, G)
+    U = -np.concatenate([(scale / m)[:, :, None] * E, (scale * x_hat / m)[:, :, None] * E], 2)
+    V = np.concatenate([np.broadcast_to(E, U.shape[:2] + E.shape[2:]), x_hat[:, :, None] * E], 2)
+    return DiagonalPlusLowRank(scale, U, V, label)
+
+
+# -- LayerNorm ------------------------------------------------------------------------
+
+
+class LayerNorm(Layer):
+    """``torch.nn.LayerNorm(shape, eps, elementwise_affine=affine)`` on ``(B, ..., *shape)``.
+
+    Each example's trailing ``shape`` (``n`` entries) is one group; an example of
+    ``G`` groups (a sequence ``(B, T, d)`` normalised over ``d`` has ``G = T``) has
+    ``L^x`` diagonal plus rank ``2G``. ``"gamma"`` and ``"beta"`` have ``shape``
+    (torch's ``weight`` and ``bias``): ``L^γ = diag(x̂) [I; …; I]``, ``L^β = [I; …; I]``.
+    """
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...],
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        dtype: Any = np.float64,
+    ) -> None:
+        super().__init__()
+        shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+        if not shape or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
+            raise ValueError(f"LayerNorm: shape must be positive integers, got {shape!r}")
+        self.shape = tuple(int(n) for n in shape)
+        self.eps = _positive_eps("LayerNorm", eps)
+        self.affine = bool(affine)
+        if self.affine:
+            dt = _dtype_of("LayerNorm", dtype)
+            self.params["gamma"] = Parameter(np.ones(self.shape, dt))
+            self.params["beta"] = Parameter(np.zeros(self.shape, dt))
+
+    def _check(self, x_in: np.ndarray) -> None:
+        k = len(self.shape)
+        if x_in.ndim < k + 1 or x_in.shape[-k:] != self.shape:
+            raise ValueError(
+                f"{self!r}: x_in has shape {x_in.shape}, expected (B, ..., "
+                f"{', '.join(map(str, self.shape))}): the trailing axes are normalised"
+            )
+
+    def _axes(self) -> tuple[int, ...]:
+        return tuple(range(-len(self.shape), 0))
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        axes = self._axes()
+        mu = x_in.mean(axis=axes, keepdims=True)
+        var = np.square(x_in - mu).mean(axis=axes, keepdims=True)
+        s = np.sqrt(var + np.asarray(self.eps, x_in.dtype))
+        x_hat = (x_in - mu) / s
+        op.saved["x_hat"], op.saved["s"] = x_hat, s
+        if not self.affine:
+            return x_hat
+        return x_hat * op.theta["gamma"] + op.theta["beta"]
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        x_hat, s = op.saved["x_hat"], op.saved["s"]
+        lead = tuple(range(x_hat.ndim - len(self.shape)))
+        grads = {}
+        if self.affine:
+            grads = {"gamma": (g_out * x_hat).sum(axis=lead), "beta": g_out.sum(axis=lead)}
+        if not input_grad:
+            return None, grads
+        g = g_out * op.theta["gamma"] if self.affine else g_out
+        axes = self._axes()
+        mean_g = g.mean(axis=axes, keepdims=True)
+        mean_gx = (g * x_hat).mean(axis=axes, keepdims=True)
+        return (g - mean_g - x_hat * mean_gx) / s, grads
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        x_hat, s = op.saved["x_hat"], op.saved["s"]
+        B, n = x_hat.shape[0], int(np.prod(self.shape))
+        G = x_hat[0].size // n
+        gamma = op.theta["gamma"] if self.affine else np.ones((), x_hat.dtype)
+        scale = np.broadcast_to(gamma / s, x_hat.shape).reshape(B, -1)
+        onehot = np.repeat(np.eye(G, dtype=x_hat.dtype), n, axis=0)  # entry i in group i // n
+        what = "γ/s ⊙ (I − (1 1ᵀ + x̂ x̂ᵀ)/n)" + (f" per group of {n}" if G > 1 else "")
+        L_x = _grouped_dplr(scale, x_hat.reshape(B, -1), onehot, n, what)
+        if not self.affine:
+            return L_x, {}
+        tile = Tile(G, n, B, x_hat.dtype)
+        L_gamma = Diagonal(x_hat.reshape(B, -1), "x̂") @ tile
+        return L_x, {"gamma": L_gamma, "beta": tile}
+
+    def __repr__(self) -> str:
+        shape = self.shape[0] if len(self.shape) == 1 else self.shape
+        extra = "" if self.affine else ", affine=False"
+        return f"LayerNorm({shape}, eps={self.eps:g}{extra})"
+
+
+# -- BatchNorm ------------------------------------------------------------------------
+
+
+class _BatchNorm(Layer):
+    """What ``BatchNorm1d`` and ``BatchNorm2d`` share; they differ only in the
+    shapes they accept. Channels are on axis 1; statistics are per channel over
+    the batch and every position, ``m = B·L`` entries each.
+
+    Training mode (``layer.training``): the batch statistics (biased variance),
+    and ``running_mean``/``running_var`` updated by ``(1 − momentum) r + momentum
+    · stat`` with the unbiased variance, on every training-mode forward (with
+    ``cache=False`` too, as torch does). Eval mode: the running statistics.
+    The running statistics are buffers, not Parameters: read-only arrays, set
+    from outside only through ``set_running_stats``.
+    """
+
+    couples_batch = True
+    _ranks: tuple[int, ...] = ()
+    _shapes = ""
+
+    def __init__(
+        self, c: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype: Any = np.float64
+    ) -> None:
+        super().__init__()
+        where = type(self).__name__
+        if isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 1:
+            raise ValueError(
+                f"{where}: c (the number of channels) must be a positive integer, got {c!r}"
+            )
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, int | float | np.floating)
+            or not 0 <= momentum <= 1
+        ):
+            raise ValueError(f"{where}: momentum must be a number in [0, 1], got {momentum!r}")
+        dt = _dtype_of(where, dtype)
+        self.c, self.eps, self.momentum = int(c), _positive_eps(where, eps), float(momentum)
+        self.params["gamma"] = Parameter(np.ones(self.c, dt))
+        self.params["beta"] = Parameter(np.zeros(self.c, dt))
+        self._running_mean = _frozen(np.zeros(self.c, dt))
+        self._running_var = _frozen(np.ones(self.c, dt))
+
+    # -- the buffers ---------------------------------------------------------------
+    @property
+    def running_mean(self) -> np.ndarray:
+        """The running mean per channel (read-only; see ``set_running_stats``)."""
+        return self._running_mean
+
+    @property
+    def running_var(self) -> np.ndarray:
+        """The running unbiased variance per channel (read-only)."""
+        return self._running_var
+
+    @property
+    def buffers(self) -> dict[str, np.ndarray]:
+        """``{"running_mean": ..., "running_var": ...}``: the state that is not a Parameter."""
+        return {"running_mean": self._running_mean, "running_var": self._running_var}
+
+    def set_running_stats(self, mean: Any = None, var: Any = None) -> None:
+        """Replace the running statistics (copied), each ``(c,)`` in the layer's dtype;
+        ``var`` must be non-negative. Both are checked before either changes."""
+        new = {}
+        for what, value in (("mean", mean), ("var", var)):
+            if value is None:
+                continue
+            a = np.asarray(value)
+            if a.shape != (self.c,) or a.dtype != self._running_mean.dtype:
+                raise ValueError(
+                    f"{self!r}: running {what} must have shape ({self.c},) and dtype "
+                    f"{self._running_mean.dtype}, got shape {a.shape}, dtype {a.dtype}"
+                )
+            if what == "var" and not np.all(a >= 0):
+                raise ValueError(f"{self!r}: running var must be non-negative")
+            new[what] = _frozen(a.copy())
+        if "mean" in new:
+            self._running_mean = new["mean"]
+        if "var" in new:
+            self._running_var = new["var"]
+
+    # -- the math ------------------------------------------------------------------
+    def _check(self, x_in: np.ndarray) -> None:
+        if x_in.ndim not in self._ranks or x_in.shape[1] != self.c:
+            want = self._shapes
+            raise ValueError(
+                f"{self!r}: x_in has shape {x_in.shape}, expected {want} with C = {self.c}"
+            )
+        if self.training and x_in.size // self.c < 2:
+            raise ValueError(
+                f"{self!r}: training mode needs more than one value per channel to take batch "
+                f"statistics, got x_in of shape {x_in.shape}; use a larger batch or eval mode"
+            )
+
+    def _stat_axes(self, x: np.ndarray) -> tuple[int, ...]:
+        return (0, *range(2, x.ndim))
+
+    def _per_channel(self, v: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """A ``(C,)`` vector shaped to broadcast against ``x`` ``(B, C, ...)``."""
+        return v.reshape((1, self.c) + (1,) * (x.ndim - 2))
+
+    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        dt, axes = x_in.dtype, self._stat_axes(x_in)
+        if self.training:
+            m = x_in.size // self.c
+            mean = x_in.mean(axis=axes)
+            var = np.square(x_in - self._per_channel(mean, x_in)).mean(axis=axes)
+            mom = np.asarray(self.momentum, dt)
+            new_mean = (1 - mom) * self._running_mean + mom * mean
+            new_var = (1 - mom) * self._running_var + mom * (var * np.asarray(m / (m - 1), dt))
+            op.saved["couples_batch"] = True
+        else:
+            mean, var = self._running_mean, self._running_var
+        mu = self._per_channel(mean, x_in)
+        s = np.sqrt(self._per_channel(var, x_in) + np.asarray(self.eps, dt))
+        x_hat = (x_in - mu) / s
+        op.saved["x_hat"], op.saved["s"] = x_hat, s
+        x_out = x_hat * self._per_channel(op.theta["gamma"], x_in)
+        x_out += self._per_channel(op.theta["beta"], x_in)
+        if self.training:  # last: nothing below can fail, so a failed call changes nothing
+            self._running_mean, self._running_var = _frozen(new_mean), _frozen(new_var)
+        return x_out
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        x_hat, s = op.saved["x_hat"], op.saved["s"]
+        axes = self._stat_axes(x_hat)
+        grads = {"gamma": (g_out * x_hat).sum(axis=axes), "beta": g_out.sum(axis=axes)}
+        if not input_grad:
+            return None, grads
+        g = g_out * self._per_channel(op.theta["gamma"], x_hat)
+        if not op.saved.get("couples_batch"):  # eval: a fixed affine map per channel
+            return g / s, grads
+        mean_g = g.mean(axis=axes, keepdims=True)
+        mean_gx = (g * x_hat).mean(axis=axes, keepdims=True)
+        return (g - mean_g - x_hat * mean_gx) / s, grads
+
+    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+        x_hat, s = op.saved["x_hat"], op.saved["s"]
+        B, C = x_hat.shape[:2]
+        L = x_hat[0, 0].size  # positions per channel
+        gamma = self._per_channel(op.theta["gamma"], x_hat)
+        scale = np.broadcast_to(gamma / s, x_hat.shape)
+        dt = x_hat.dtype
+        if not op.saved.get("couples_batch"):  # eval: per example
+            # Entry (c, l) of an example belongs to channel c: the (C·L, C) spreading matrix.
+            spread = Sparse(
+                sp.kron(sp.eye_array(C, dtype=dt), np.ones((L, 1), dt)), B, "[c(i) = k]"
+            )
+            L_gamma = Diagonal(x_hat.reshape(B, -1), "x̂") @ spread
+            return Diagonal(scale.reshape(B, -1), "γ/sqrt(running_var + ε)"), {
+                "gamma": L_gamma,
+                "beta": spread,
+            }
+        # Training: one matrix over the whole batch, entries in (b, c, l) order.
+        onehot = np.tile(np.repeat(np.eye(C, dtype=dt), L, axis=0), (B, 1))  # (B·C·L, C)
+        m = B * L
+        what = f"γ/s ⊙ (I − (1 1ᵀ + x̂ x̂ᵀ)/{m}) per channel over the batch"
+        L_x = _grouped_dplr(scale.reshape(1, -1), x_hat.reshape(1, -1), onehot, m, what)
+        spread = Sparse(sp.csr_array(onehot), 1, "[c(i) = k]")
+        L_gamma = Diagonal(x_hat.reshape(1, -1), "x̂") @ spread
+        return WholeBatch(L_x, B), {"gamma": WholeBatch(L_gamma, B), "beta": WholeBatch(spread, B)}
+
+    def __repr__(self) -> str:
+        mode = "" if self.training else ", eval"
+        return (
+            f"{type(self).__name__}({self.c}, eps={self.eps:g}, momentum={self.momentum:g}{mode})"
+        )
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+class BatchNorm1d(_BatchNorm):
+    """``torch.nn.BatchNorm1d(c, eps, momentum)`` on ``(B, C)`` or ``(B, C, L)``."""
+
+    _ranks = (2, 3)
+    _shapes = "(B, C) or (B, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """``torch.nn.BatchNorm2d(c, eps, momentum)`` on ``(B, C, H, W)``."""
+
+    _ranks = (4,)
+    _shapes = "(B, C, H, W)"
