@@ -10,6 +10,8 @@ from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import (
     Add,
     Branch,
+    Conv2d,
+    ConvTranspose2d,
     Flatten,
     L2Loss,
     LeakyReLU,
@@ -50,6 +52,8 @@ __all__ = [
     "SGD",
     "Add",
     "Branch",
+    "Conv2d",
+    "ConvTranspose2d",
     "Flatten",
     "GradcheckError",
     "GradcheckReport",

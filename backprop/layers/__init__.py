@@ -1,5 +1,6 @@
 """The layers, one module per family."""
 
+from backprop.layers.conv import Conv2d, ConvTranspose2d
 from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
@@ -9,6 +10,8 @@ from backprop.layers.structure import Add, Branch, Merge, Multiply
 __all__ = [
     "Add",
     "Branch",
+    "Conv2d",
+    "ConvTranspose2d",
     "Flatten",
     "L2Loss",
     "LeakyReLU",
