@@ -59,6 +59,9 @@ CONV = [
     ("kernel-equals-input", 2, 3, (4, 5), {}, (4, 5)),
     ("everything", 4, 2, (3, 2), {"stride": (2, 3), "padding": (1, 2), "dilation": (2, 1),
                                   "groups": 2}, (9, 8)),
+    # 64 positions or more: the weight gradient takes its other path (per-example products)
+    ("64-positions", 2, 3, 3, {"padding": 1}, (9, 8)),
+    ("groups2-64-positions", 4, 2, 3, {"groups": 2, "padding": 1}, (8, 8)),
 ]  # fmt: skip
 
 TRANSPOSED = [

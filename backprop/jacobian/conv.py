@@ -183,7 +183,12 @@ def conv2d_weight_grad(g: np.ndarray, cols: np.ndarray, geo: ConvGeometry) -> np
     ``(B, c_out, Ho, Wo)`` and ``cols`` the patches ``(B, groups, Kg, P)``."""
     B, G = g.shape[0], geo.groups
     gg = g.reshape(B, G, geo.c_out // G, geo.P)
-    if G == 1:
+    if geo.P >= 64:
+        # B products G_b X_colᵀ and their sum: measured 2 to 8 times faster than one
+        # contraction over (b, p) on the first layers of the digits CNN and LeNet-5,
+        # whose patches are short; at par or slower below 64 positions.
+        dW = np.matmul(gg, cols.transpose(0, 1, 3, 2)).sum(axis=0)
+    elif G == 1:
         dW = np.tensordot(gg[:, 0], cols[:, 0], axes=([0, 2], [0, 2]))
     else:
         dW = np.einsum("bgop,bgkp->gok", gg, cols, optimize=True)
