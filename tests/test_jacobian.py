@@ -18,6 +18,9 @@ import pytest
 import scipy.sparse as sp
 
 from backprop.jacobian import (
+    Convolution,
+    ConvolutionTranspose,
+    ConvolutionWeight,
     Dense,
     Diagonal,
     DiagonalPlusLowRank,
@@ -34,6 +37,7 @@ from backprop.jacobian import (
     Tile,
     explicit_vjp,
 )
+from backprop.jacobian.conv import ConvGeometry
 
 B = 3
 
@@ -170,6 +174,79 @@ def sum_(rng: np.random.Generator) -> Case:
     return Sum([Dense(A.copy()), Diagonal(d.copy()), Identity(4, B)]), ref
 
 
+# -- convolution: references from loops over outputs and taps --
+
+
+def _conv_entries(geo: ConvGeometry) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """``(row, col, w)``: the Toeplitz matrix of a convolution holds ``W[w]`` at
+    ``(row, col)``, for every output entry and every tap inside the input."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    Ho = (geo.H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (geo.W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Cg, og = geo.c_in // geo.groups, geo.c_out // geo.groups
+    found = []
+    for o, i, j, c, ky, kx in itertools.product(
+        range(geo.c_out), range(Ho), range(Wo), range(Cg), range(kh), range(kw)
+    ):
+        y, x = i * sh - ph + ky * dh, j * sw - pw + kx * dw
+        if 0 <= y < geo.H and 0 <= x < geo.W:
+            ch = (o // og) * Cg + c
+            found.append(((o * Ho + i) * Wo + j, (ch * geo.H + y) * geo.W + x, (o, c, ky, kx)))
+    return found
+
+
+_GEO = ConvGeometry(2, 5, 4, 3, (3, 2), stride=(2, 1), padding=(1, 1))
+# Its output (2·4·5 = 40 entries) is _GEO's input, so the two rows chain.
+_GEO_GROUPED = ConvGeometry(4, 4, 5, 2, (3, 2), padding=(1, 1), dilation=(1, 2), groups=2)
+
+
+def _toeplitz(W: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    entries = _conv_entries(geo)
+    n_out = max(r for r, _, _ in entries) + 1  # every output row has a tap here
+    ref = np.zeros((n_out, geo.c_in * geo.H * geo.W))
+    for r, c, w in entries:
+        ref[r, c] = W[w]
+    return ref
+
+
+def convolution(rng: np.random.Generator) -> Case:
+    W = rng.standard_normal((3, 2, 3, 2))
+    return Convolution(W.copy(), _GEO, B), _same(_toeplitz(W, _GEO))
+
+
+def convolution_grouped(rng: np.random.Generator) -> Case:
+    W = rng.standard_normal((2, 2, 3, 2))
+    return Convolution(W.copy(), _GEO_GROUPED, B), _same(_toeplitz(W, _GEO_GROUPED))
+
+
+def convolution_transpose(rng: np.random.Generator) -> Case:
+    W = rng.standard_normal((3, 2, 3, 2))
+    J = ConvolutionTranspose(Convolution(W.copy(), _GEO, B), output_padding=(1, 0))
+    return J, _same(_toeplitz(W, _GEO).T)
+
+
+def convolution_weight(rng: np.random.Generator) -> Case:
+    # ∂y/∂W[w] at output row r is x_b at the input entry that tap w reads.
+    geo = _GEO_GROUPED
+    x = rng.standard_normal((B, geo.c_in, geo.H, geo.W))
+    entries = _conv_entries(geo)
+    ref = np.zeros((B, max(r for r, _, _ in entries) + 1, 2 * 2 * 3 * 2))
+    for r, c, w in entries:
+        ref[:, r, np.ravel_multi_index(w, (2, 2, 3, 2))] = x.reshape(B, -1)[:, c]
+    return ConvolutionWeight(x.copy(), geo), ref
+
+
+def convolution_weight_transposed(rng: np.random.Generator) -> Case:
+    # y = Lᵀ x: ∂y[col]/∂W[w] is x_b[row] wherever L holds W[w] at (row, col).
+    geo = _GEO
+    Ho, Wo = 3, 5  # (5 + 2 - 2 - 1) // 2 + 1 and (4 + 2 - 1 - 1) + 1
+    x = rng.standard_normal((B, geo.c_out, Ho, Wo))
+    ref = np.zeros((B, geo.c_in * geo.H * geo.W, 3 * 2 * 3 * 2))
+    for r, c, w in _conv_entries(geo):
+        ref[:, c, np.ravel_multi_index(w, (3, 2, 3, 2))] = x.reshape(B, -1)[:, r]
+    return ConvolutionWeight(x.copy(), geo, transposed=True), ref
+
+
 CASES: dict[str, Factory] = {
     "Dense-shared": dense_shared,
     "Dense-per-example": dense_per_example,
@@ -188,6 +265,11 @@ CASES: dict[str, Factory] = {
     "Product": product,
     "Product-shared": product_shared,
     "Sum": sum_,
+    "Convolution": convolution,
+    "Convolution-grouped-dilated": convolution_grouped,
+    "ConvolutionTranspose": convolution_transpose,
+    "ConvolutionWeight-grouped": convolution_weight,
+    "ConvolutionWeight-transposed": convolution_weight_transposed,
 }
 
 

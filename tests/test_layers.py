@@ -274,6 +274,44 @@ CASES = [
     Case("BatchNorm2d-eval", lambda dt: batchnorm_eval(bp.BatchNorm2d, 2, dt), normal(2, 3, 2)),
     Case("Dropout-eval", lambda dt: bp.Dropout(0.3, rng=0).eval(), normal(2, 3)),
     Case("Dropout-train-fixed-mask", lambda dt: FixedMaskDropout(0.4), normal(2, 3)),
+    # -- convolution --
+    Case(
+        "Conv2d-stride2-pad1",
+        lambda dt: bp.Conv2d(2, 3, 3, stride=2, padding=1, rng=0, dtype=dt),
+        normal(2, 7, 9),
+    ),
+    Case(
+        "Conv2d-dilation2",
+        lambda dt: bp.Conv2d(2, 2, 3, padding=1, dilation=2, rng=1, dtype=dt),
+        normal(2, 6, 7),
+    ),
+    Case(
+        "Conv2d-groups2",
+        lambda dt: bp.Conv2d(4, 2, (2, 3), stride=(2, 1), groups=2, rng=2, dtype=dt),
+        normal(4, 5, 5),
+    ),
+    Case(
+        "Conv2d-depthwise",
+        lambda dt: bp.Conv2d(3, 3, 3, padding=1, groups=3, rng=3, dtype=dt),
+        normal(3, 4, 5),
+    ),
+    Case(
+        "Conv2d-nonsquare-nobias",
+        lambda dt: bp.Conv2d(2, 3, (1, 3), padding=(0, 1), bias=False, rng=4, dtype=dt),
+        normal(2, 3, 4),
+    ),
+    Case(
+        "ConvTranspose2d-stride2-op1",
+        lambda dt: bp.ConvTranspose2d(
+            2, 3, 3, stride=2, padding=1, output_padding=1, rng=5, dtype=dt
+        ),
+        normal(2, 3, 4),
+    ),
+    Case(
+        "ConvTranspose2d-groups-dilation",
+        lambda dt: bp.ConvTranspose2d(4, 2, 2, dilation=2, groups=2, bias=False, rng=6, dtype=dt),
+        normal(4, 3, 3),
+    ),
 ]
 
 BATCHES = [1, 4]

@@ -651,6 +651,25 @@ TORCH_ROWS = [
         _normal((_B, 2, 3)),
         lambda x: x * _t(_dropout_scale(x.shape, 0.4)),
     ),
+    # -- convolution --
+    TorchRow(
+        "Conv2d",
+        lambda: bp.Conv2d(2, 3, 3, stride=2, padding=1, rng=7),
+        _normal((_B, 2, 7, 9)),
+        lambda x, W, b: F.conv2d(x, W, b, stride=2, padding=1),
+    ),
+    TorchRow(
+        "Conv2d-groups-dilation-nobias",
+        lambda: bp.Conv2d(4, 2, (2, 3), dilation=(2, 1), groups=2, bias=False, rng=8),
+        _normal((_B, 4, 6, 5)),
+        lambda x, W: F.conv2d(x, W, dilation=(2, 1), groups=2),
+    ),
+    TorchRow(
+        "ConvTranspose2d",
+        lambda: bp.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1, rng=9),
+        _normal((_B, 2, 3, 4)),
+        lambda x, W, b: F.conv_transpose2d(x, W, b, stride=2, padding=1, output_padding=1),
+    ),
 ]
 
 

@@ -29,7 +29,8 @@ Conventions, stated once for every class of this package:
 
 Modules: ``base`` (the ``Jacobian`` protocol), ``algebra`` (dispatch of ``@``
 and ``+``), ``basic`` (Dense, Diagonal, Identity, Sparse), ``structure``
-(Selection, Tile, Rows), ``kronecker`` (Kronecker, KroneckerMatrix,
+(Selection, Tile, Rows), ``conv`` (Convolution, ConvolutionTranspose,
+ConvolutionWeight), ``kronecker`` (Kronecker, KroneckerMatrix,
 RepeatedBlock), ``lowrank`` (DiagonalPlusLowRank), ``combinators`` (Product,
 Sum) and ``explicit`` (the literal product of Algorithm 14.1).
 
@@ -40,6 +41,7 @@ from backprop.jacobian.algebra import add, compose, compose_rule, sum_rule
 from backprop.jacobian.base import DENSE_LIMIT_BYTES, Jacobian
 from backprop.jacobian.basic import Dense, Diagonal, Identity, Sparse
 from backprop.jacobian.combinators import Product, Sum
+from backprop.jacobian.conv import Convolution, ConvolutionTranspose, ConvolutionWeight
 from backprop.jacobian.coupled import WholeBatch
 from backprop.jacobian.explicit import explicit_vjp
 from backprop.jacobian.kronecker import Kronecker, KroneckerMatrix, RepeatedBlock
@@ -48,6 +50,9 @@ from backprop.jacobian.structure import Rows, Selection, Tile
 
 __all__ = [
     "DENSE_LIMIT_BYTES",
+    "Convolution",
+    "ConvolutionTranspose",
+    "ConvolutionWeight",
     "Dense",
     "Diagonal",
     "DiagonalPlusLowRank",

@@ -1,5 +1,6 @@
 """The layers, one module per family."""
 
+from backprop.layers.conv import Conv2d, ConvTranspose2d
 from backprop.layers.dropout import Dropout
 from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
@@ -18,6 +19,8 @@ __all__ = [
     "LogSoftmax",
     "Softmax",
     "Branch",
+    "Conv2d",
+    "ConvTranspose2d",
     "Flatten",
     "L2Loss",
     "LeakyReLU",
