@@ -43,6 +43,7 @@ from backprop.jacobian.combinators import Product, Sum
 from backprop.jacobian.explicit import explicit_vjp
 from backprop.jacobian.kronecker import Kronecker, KroneckerMatrix, RepeatedBlock
 from backprop.jacobian.lowrank import DiagonalPlusLowRank
+from backprop.jacobian.selection import IndexSelection
 from backprop.jacobian.structure import Rows, Selection, Tile
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "Diagonal",
     "DiagonalPlusLowRank",
     "Identity",
+    "IndexSelection",
     "Jacobian",
     "Kronecker",
     "KroneckerMatrix",

@@ -3,16 +3,21 @@
 from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
+from backprop.layers.pooling import AvgPool2d, GlobalAvgPool, GlobalMaxPool, MaxPool2d, Upsample
 from backprop.layers.shape import Flatten, Reshape, Transpose
 from backprop.layers.structure import Add, Branch, Merge, Multiply
 
 __all__ = [
     "Add",
+    "AvgPool2d",
     "Branch",
     "Flatten",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
     "L2Loss",
     "LeakyReLU",
     "Linear",
+    "MaxPool2d",
     "Merge",
     "Multiply",
     "Pointwise",
@@ -23,4 +28,5 @@ __all__ = [
     "Softplus",
     "Tanh",
     "Transpose",
+    "Upsample",
 ]
