@@ -25,6 +25,7 @@ from backprop.jacobian import (
     Diagonal,
     DiagonalPlusLowRank,
     Identity,
+    IndexSelection,
     Jacobian,
     Kronecker,
     KroneckerMatrix,
@@ -247,6 +248,25 @@ def convolution_weight_transposed(rng: np.random.Generator) -> Case:
     return ConvolutionWeight(x.copy(), geo, transposed=True), ref
 
 
+def index_selection(rng: np.random.Generator) -> Case:
+    # Row i of example b holds a 1 at column index[b, i] (columns may repeat: overlapping
+    # pooling windows).
+    index = rng.integers(0, 6, size=(B, 4))
+    ref = np.zeros((B, 4, 6))
+    for b, i in itertools.product(range(B), range(4)):
+        ref[b, i, index[b, i]] = 1.0
+    return IndexSelection(index.copy(), 6, label="argmax"), ref
+
+
+def index_selection_scaled(rng: np.random.Generator) -> Case:
+    index = rng.integers(0, 5, size=(B, 3))
+    values = rng.standard_normal((B, 3))
+    ref = np.zeros((B, 3, 5))
+    for b, i in itertools.product(range(B), range(3)):
+        ref[b, i, index[b, i]] = values[b, i]
+    return IndexSelection(index.copy(), 5, values=values.copy()), ref
+
+
 CASES: dict[str, Factory] = {
     "Dense-shared": dense_shared,
     "Dense-per-example": dense_per_example,
@@ -270,6 +290,8 @@ CASES: dict[str, Factory] = {
     "ConvolutionTranspose": convolution_transpose,
     "ConvolutionWeight-grouped": convolution_weight,
     "ConvolutionWeight-transposed": convolution_weight_transposed,
+    "IndexSelection": index_selection,
+    "IndexSelection-scaled": index_selection_scaled,
 }
 
 

@@ -57,6 +57,17 @@ def away_from_zero(*shape: int) -> Callable[[np.random.Generator, int, Any], Arr
     return draw
 
 
+def apart(*shape: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Inputs ``(B, *shape)`` whose entries all differ, by 0.05 at least: no max-pooling
+    window holds a tie, so finite differences never straddle a kink."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        n = B * int(np.prod(shape))
+        return ((0.05 * (rng.permutation(n) - n / 2)).reshape(B, *shape).astype(dtype),)
+
+    return draw
+
+
 def several(*shapes: tuple[int, ...]) -> Callable[[np.random.Generator, int, Any], Arrays]:
     """Several float inputs, of shapes ``(B, *shape_i)``."""
 
@@ -312,6 +323,20 @@ CASES = [
         lambda dt: bp.ConvTranspose2d(4, 2, 2, dilation=2, groups=2, bias=False, rng=6, dtype=dt),
         normal(4, 3, 3),
     ),
+    # -- pooling --
+    Case("MaxPool2d-7x9-k3-s2-p1", lambda dt: bp.MaxPool2d(3, stride=2, padding=1), apart(2, 7, 9)),
+    Case("MaxPool2d-k2-floors", lambda dt: bp.MaxPool2d(2), apart(3, 5, 7)),
+    Case("MaxPool2d-overlap-k3-s1", lambda dt: bp.MaxPool2d(3, stride=1), apart(2, 5, 6)),
+    Case("MaxPool2d-2x3-s12-p10", lambda dt: bp.MaxPool2d((2, 3), (1, 2), (1, 0)), apart(2, 5, 7)),
+    Case(
+        "AvgPool2d-7x9-k3-s2-p1", lambda dt: bp.AvgPool2d(3, stride=2, padding=1), normal(2, 7, 9)
+    ),
+    Case("AvgPool2d-k2-floors", lambda dt: bp.AvgPool2d(2), normal(3, 5, 7)),
+    Case("AvgPool2d-overlap-2x3-p1", lambda dt: bp.AvgPool2d((2, 3), 1, 1), normal(2, 4, 5)),
+    Case("GlobalAvgPool", lambda dt: bp.GlobalAvgPool(), normal(3, 4, 5)),
+    Case("GlobalMaxPool", lambda dt: bp.GlobalMaxPool(), apart(3, 4, 5)),
+    Case("Upsample-2", lambda dt: bp.Upsample(2), normal(2, 3, 2)),
+    Case("Upsample-2x3", lambda dt: bp.Upsample((2, 3)), normal(2, 2, 3)),
 ]
 
 BATCHES = [1, 4]

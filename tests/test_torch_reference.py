@@ -670,6 +670,49 @@ TORCH_ROWS = [
         _normal((_B, 2, 3, 4)),
         lambda x, W, b: F.conv_transpose2d(x, W, b, stride=2, padding=1, output_padding=1),
     ),
+    # -- pooling --
+    TorchRow(
+        "MaxPool2d-k3-s2-p1",
+        lambda: bp.MaxPool2d(3, 2, 1),
+        _normal((_B, 2, 7, 9)),
+        lambda x: F.max_pool2d(x, 3, 2, 1),
+    ),
+    TorchRow(
+        "MaxPool2d-overlap-2x3",
+        lambda: bp.MaxPool2d((2, 3), stride=1),
+        _normal((_B, 2, 5, 6)),
+        lambda x: F.max_pool2d(x, (2, 3), 1),
+    ),
+    TorchRow(
+        "AvgPool2d-k3-s2-p1",
+        lambda: bp.AvgPool2d(3, 2, 1),
+        _normal((_B, 2, 7, 9)),
+        lambda x: F.avg_pool2d(x, 3, 2, 1),
+    ),
+    TorchRow(
+        "AvgPool2d-overlap-2x3",
+        lambda: bp.AvgPool2d((2, 3), stride=1, padding=(1, 0)),
+        _normal((_B, 2, 5, 6)),
+        lambda x: F.avg_pool2d(x, (2, 3), 1, (1, 0)),
+    ),
+    TorchRow(
+        "GlobalAvgPool",
+        bp.GlobalAvgPool,
+        _normal((_B, 3, 4, 5)),
+        lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1),
+    ),
+    TorchRow(
+        "GlobalMaxPool",
+        bp.GlobalMaxPool,
+        _normal((_B, 3, 4, 5)),
+        lambda x: F.adaptive_max_pool2d(x, 1).flatten(1),
+    ),
+    TorchRow(
+        "Upsample-2x3",
+        lambda: bp.Upsample((2, 3)),
+        _normal((_B, 2, 3, 4)),
+        lambda x: torch.nn.Upsample(scale_factor=(2, 3), mode="nearest")(x),
+    ),
 ]
 
 

@@ -46,6 +46,7 @@ from backprop.jacobian.coupled import WholeBatch
 from backprop.jacobian.explicit import explicit_vjp
 from backprop.jacobian.kronecker import Kronecker, KroneckerMatrix, RepeatedBlock
 from backprop.jacobian.lowrank import DiagonalPlusLowRank
+from backprop.jacobian.selection import IndexSelection
 from backprop.jacobian.structure import Rows, Selection, Tile
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "Diagonal",
     "DiagonalPlusLowRank",
     "Identity",
+    "IndexSelection",
     "Jacobian",
     "Kronecker",
     "KroneckerMatrix",

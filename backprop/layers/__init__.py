@@ -6,6 +6,7 @@ from backprop.layers.linear import Linear
 from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
 from backprop.layers.normalization import BatchNorm1d, BatchNorm2d, LayerNorm
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
+from backprop.layers.pooling import AvgPool2d, GlobalAvgPool, GlobalMaxPool, MaxPool2d, Upsample
 from backprop.layers.shape import Flatten, Reshape, Transpose
 from backprop.layers.softmax import LogSoftmax, Softmax
 from backprop.layers.structure import Add, Branch, Merge, Multiply
@@ -18,13 +19,17 @@ __all__ = [
     "LayerNorm",
     "LogSoftmax",
     "Softmax",
+    "AvgPool2d",
     "Branch",
     "Conv2d",
     "ConvTranspose2d",
     "Flatten",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
     "L2Loss",
     "LeakyReLU",
     "Linear",
+    "MaxPool2d",
     "Merge",
     "Multiply",
     "Pointwise",
@@ -35,4 +40,5 @@ __all__ = [
     "Softplus",
     "Tanh",
     "Transpose",
+    "Upsample",
 ]
