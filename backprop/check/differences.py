@@ -71,6 +71,8 @@ class Differences:
         self.left: np.ndarray | None = stacked[2] if one_sided else None
         self.fmax = fmax
         self.noise = FD_NOISE * ULP * fmax / self.steps
+        #: True for differences along directions (``along``), which move every entry.
+        self.directional = False
         self._more: dict[tuple[int, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _pair(self, j: int, h: float) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -116,7 +118,9 @@ def along(
     def moved(t: np.ndarray) -> Any:
         return f(z + np.tensordot(t, stack, axes=1))
 
-    return Differences(moved, np.zeros(len(stack)), eps)
+    fd = Differences(moved, np.zeros(len(stack)), eps)
+    fd.directional = True
+    return fd
 
 
 def numerical_jacobian(
