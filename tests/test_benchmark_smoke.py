@@ -40,6 +40,7 @@ steps = importlib.import_module("backprop_bench.steps")
 jacobians = importlib.import_module("backprop_bench.jacobians")
 goals = importlib.import_module("backprop_bench.goals")
 cli = importlib.import_module("backprop_bench.cli")
+convnets = importlib.import_module("backprop_bench.convnets")
 
 CASES = [(size, dt) for size in ("tiny", "small") for dt in (np.float64, np.float32)]
 
@@ -100,6 +101,114 @@ def test_every_contestant_first_step_matches_reference(size: str, dtype: Any) ->
         assert ok, f"{name} ({size}, {np.dtype(dtype).name}): {msg}"
 
 
+CONV_CASES = [(net, dt) for net in ("cnn", "lenet") for dt in (np.float64, np.float32)]
+
+
+def _independent_conv_step(p: Any) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+    """One SGD step of a convnet in float64 by loops over the kernel taps and a
+    comparison mask for the pooling (no im2col, no reshape tricks): the benchmark's
+    numpy reference checked against a different computation."""
+    Ws = [W.astype(np.float64) for W, _ in p.weights]
+    bs = [b.astype(np.float64) for _, b in p.weights]
+    a, saved, i = p.X.astype(np.float64), [], 0
+    for spec in p.layers:
+        saved.append(a)
+        if spec[0] == "conv":
+            k, pad = spec[3], spec[4]
+            x = np.pad(a, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            Ho, Wo = x.shape[2] - k + 1, x.shape[3] - k + 1
+            out = np.zeros((a.shape[0], Ws[i].shape[0], Ho, Wo)) + bs[i][:, None, None]
+            for ky in range(k):
+                for kx in range(k):
+                    patch = x[:, :, ky : ky + Ho, kx : kx + Wo]
+                    out += np.einsum("bchw,oc->bohw", patch, Ws[i][:, :, ky, kx])
+            a, i = out, i + 1
+        elif spec[0] == "linear":
+            a, i = a @ Ws[i].T + bs[i], i + 1
+        elif spec[0] == "relu":
+            a = np.maximum(a, 0.0)
+        elif spec[0] == "pool":
+            a = np.max([a[:, :, r::2, c::2] for r in (0, 1) for c in (0, 1)], axis=0)
+        else:
+            a = a.reshape(a.shape[0], -1)
+    B = p.batch
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    prob = e / e.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.log(prob[np.arange(B), p.y]))
+    g = (prob - np.eye(10)[p.y]) / B
+    new: list[Any] = [None] * len(Ws)
+    for spec, x_in in zip(p.layers[::-1], saved[::-1], strict=True):
+        if spec[0] == "conv":
+            i -= 1
+            k, pad = spec[3], spec[4]
+            x = np.pad(x_in, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+            Ho, Wo = g.shape[2:]
+            gW, gx = np.zeros_like(Ws[i]), np.zeros_like(x)
+            for ky in range(k):
+                for kx in range(k):
+                    patch = x[:, :, ky : ky + Ho, kx : kx + Wo]
+                    gW[:, :, ky, kx] = np.einsum("bohw,bchw->oc", g, patch)
+                    gx[:, :, ky : ky + Ho, kx : kx + Wo] += np.einsum(
+                        "bohw,oc->bchw", g, Ws[i][:, :, ky, kx]
+                    )
+            new[i] = (Ws[i] - p.lr * gW, bs[i] - p.lr * g.sum(axis=(0, 2, 3)))
+            g = gx[:, :, pad : pad + x_in.shape[2], pad : pad + x_in.shape[3]]
+        elif spec[0] == "linear":
+            i -= 1
+            new[i] = (Ws[i] - p.lr * (g.T @ x_in), bs[i] - p.lr * g.sum(axis=0))
+            g = g @ Ws[i]
+        elif spec[0] == "relu":
+            g = g * (x_in > 0)
+        elif spec[0] == "pool":  # continuous data: the positive maxima are unique
+            up = np.repeat(np.repeat(g, 2, axis=2), 2, axis=3)
+            top = np.repeat(np.repeat(np.max(
+                [x_in[:, :, r::2, c::2] for r in (0, 1) for c in (0, 1)], axis=0
+            ), 2, axis=2), 2, axis=3)  # fmt: skip
+            g = up * (x_in == top) * (x_in > 0)
+        else:
+            g = g.reshape(x_in.shape)
+    return float(loss), new
+
+
+@pytest.mark.parametrize(("net", "dtype"), CONV_CASES)
+def test_numpy_conv_reference_matches_independent_step(net: str, dtype: Any) -> None:
+    p = convnets.make_conv_problem(net, dtype)
+    ref = convnets.NumpyConvStep(p)
+    loss = ref.step()
+    want_loss, want = _independent_conv_step(p)
+    rtol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(loss, want_loss, rtol=rtol)
+    for (W, b), (W0, b0) in zip(ref.weights(), want, strict=True):
+        assert W.dtype == np.dtype(dtype) and b.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(W, W0, rtol=rtol, atol=rtol * np.abs(W0).max())
+        np.testing.assert_allclose(b, b0, rtol=rtol, atol=rtol * np.abs(b0).max())
+    for (W, _), (W0, _) in zip(ref.weights(), p.weights, strict=True):
+        assert not np.array_equal(W, W0)  # every layer moved: its check compares something
+
+
+@pytest.mark.parametrize(("net", "dtype"), CONV_CASES)
+def test_every_conv_contestant_first_step_matches_reference(net: str, dtype: Any) -> None:
+    p = convnets.make_conv_problem(net, dtype)
+    contestants = convnets.conv_contestants(p)
+    assert {"numpy", "engine"} <= set(contestants)
+    for name, factory in contestants.items():
+        ok, msg = steps.check_first_step(factory, p, reference=convnets.NumpyConvStep)
+        assert ok, f"{name} ({net}, {np.dtype(dtype).name}): {msg}"
+
+
+def test_conv_check_catches_a_wrong_conv_weight_gradient() -> None:
+    p = convnets.make_conv_problem("cnn", np.float64)
+
+    class FlippedKernel(convnets.NumpyConvStep):  # weight gradient of the flipped kernel
+        @staticmethod
+        def _conv_back(g: Any, W: Any, saved: Any, k: int, pad: int, input_grad: bool) -> Any:
+            g_in, gW, gb = convnets.NumpyConvStep._conv_back(g, W, saved, k, pad, input_grad)
+            return g_in, gW[:, :, ::-1, ::-1], gb
+
+    ok, msg = steps.check_first_step(FlippedKernel, p, reference=convnets.NumpyConvStep)
+    assert not ok and "layer 0 W" in msg
+
+
 def test_check_first_step_catches_a_wrong_contestant() -> None:
     p = problems.make_problem("small", np.float64)
 
@@ -137,7 +246,8 @@ def test_script_runs_as_make_bench_runs_it() -> None:
     cmd = [sys.executable, str(_BENCHMARKS / "run.py"), "--help"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "--cases" in done.stdout and "tiny,small,large,jacobians,memory" in done.stdout
+    assert "--cases" in done.stdout
+    assert "tiny,small,large,cnn,lenet,jacobians,memory" in done.stdout
 
 
 def test_quick_run_writes_its_results(tmp_path: Path) -> None:
@@ -156,8 +266,53 @@ def test_quick_run_writes_its_results(tmp_path: Path) -> None:
     assert "explicit" not in md and "explicit" not in out_json.read_text()
 
 
+def test_quick_run_of_the_convnets(tmp_path: Path) -> None:
+    out_json = tmp_path / "results.json"
+    args = ["--quick", "--repeats", "1", "--cases", "cnn,lenet", "--json", str(out_json)]
+    assert cli.main(args) == 0
+    report = json.loads(out_json.read_text())
+    cases = [(r["case"], r["dtype"]) for r in report["results"]]
+    assert cases == [(f"{n} step", d) for n in ("cnn", "lenet") for d in ("float64", "float32")]
+    for r in report["results"]:
+        assert all(msg.startswith("ok") for msg in r["checks"].values()), r["checks"]
+        assert {"numpy", "engine"} <= set(r["timings"])
+    measured = {g["goal"] for g in report["goals"] if g["holds"] is not None}
+    want = {
+        f"{n} step {d}: engine / numpy" for n in ("cnn", "lenet") for d in ("float64", "float32")
+    }
+    assert want <= measured
+    if steps.torch_ok():
+        assert "lenet step float32: engine / PyTorch (stretch)" in measured
+    assert not measured & {g["goal"] for g in report["goals"] if "tiny" in g["goal"]}
+
+
+def test_conv_paths_candidates_agree() -> None:
+    """``benchmarks/conv_paths.py``: every candidate computes the library's product."""
+    spec = importlib.util.spec_from_file_location("conv_paths", _BENCHMARKS / "conv_paths.py")
+    assert spec is not None and spec.loader is not None
+    conv_paths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv_paths)
+    rng = np.random.default_rng(1)
+    for c_in, H, c_out, k, p in conv_paths.LAYERS.values():
+        geo = conv_paths.ConvGeometry(c_in, H, H, c_out, (k, k), (1, 1), (p, p), (1, 1), 1)
+        x = rng.standard_normal((3, c_in, H, H))
+        W = rng.standard_normal((c_out, c_in, k, k))
+        g = rng.standard_normal((3, c_out, geo.Ho, geo.Wo))
+        for op, fns in conv_paths.candidates(x, W, g, geo).items():
+            results = [fn() for fn in fns.values()]
+            for name, got in zip(fns, results, strict=True):
+                np.testing.assert_allclose(
+                    got.reshape(results[0].shape), results[0], rtol=1e-10, atol=1e-10,
+                    err_msg=f"{op} {name}",
+                )  # fmt: skip
+
+
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 24
+    for net in ("cnn", "lenet"):
+        assert f"{net} step float64: engine / PyTorch" in names
+        assert f"{net} step float32: engine / PyTorch (stretch)" in names
+        assert f"{net} step float64: engine / PyTorch (stretch)" not in names
     assert all(g["holds"] is None for g in goals.evaluate_goals([], None))
     assert not any("explicit" in name for name in names)

@@ -3,6 +3,8 @@
 - ``problems``: the three MLPs, their data and weights, and the closeness check;
 - ``steps``: the training-step contestants (numpy, the engine, PyTorch, autograd),
   each checked against the numpy step before it is timed;
+- ``convnets``: the digits CNN and LeNet-5, a hand-written numpy im2col step and the
+  other contestants on them (``benchmarks/conv_paths.py`` times the conv products);
 - ``timing``: interleaved timing with medians;
 - ``jacobians`` and ``memory``: the Jacobian and peak-memory cases of the large MLP;
 - ``machine``: what the run ran on;

@@ -7,7 +7,7 @@ from typing import Any
 BOTH = ("float64", "float32")
 
 #: Ratio goals in the order of the table: (case, dtypes, ((contestant, reference, bound,
-#: what), ...)). A goal over both dtypes names its dtype; a float64-only one does not.
+#: what), ...)). A step goal names its dtype; a Jacobian goal (float64 only) does not.
 RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str], ...]], ...] = (
     ("large step", BOTH, (("engine", "numpy", 1.10, "engine / numpy"),)),
     (
@@ -20,6 +20,22 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
         ),
     ),
     ("tiny step", BOTH, (("engine", "numpy", 3.0, "engine / numpy"),)),
+    *(
+        goal
+        for case in ("cnn step", "lenet step")
+        for goal in (
+            (case, BOTH, (("engine", "numpy", 1.25, "engine / numpy"),)),
+            (case, ("float64",), (("engine", "torch", 1.0, "engine / PyTorch"),)),
+            (
+                case,
+                ("float32",),
+                (
+                    ("engine", "torch", 1.5, "engine / PyTorch"),
+                    ("engine", "torch", 1.0, "engine / PyTorch (stretch)"),
+                ),
+            ),
+        )
+    ),
     *(
         (
             case,
@@ -63,7 +79,7 @@ def evaluate_goals(
     goals: list[dict[str, Any]] = []
     for case, dtypes, bounds in RATIO_GOALS:
         for dt in dtypes:
-            name = f"{case} {dt}" if len(dtypes) > 1 else case
+            name = f"{case} {dt}" if case.endswith(" step") else case
             for a, b, bound, what in bounds:
                 goals.append(_bounded(f"{name}: {what}", _ratio(results, case, dt, a, b), bound))
     if memory is not None:

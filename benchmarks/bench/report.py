@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .steps import AutogradStep, EngineStep, NumpyStep, TorchStep
-from .timing import FINE
+from .timing import FINE, FINE_CASES
 
 LABELS = {
     "numpy": NumpyStep.label,
@@ -88,7 +88,7 @@ def _machine_line(report: dict[str, Any]) -> str:
         f"(one thread), PyTorch {v.get('torch') or 'not installed'}, "
         f"autograd {v.get('autograd') or 'not installed'}. "
         f"Medians of {report['repeats']} interleaved repeats "
-        f"({report['repeats'] * FINE} shorter ones for the tiny and small steps)"
+        f"({report['repeats'] * FINE} shorter ones for the {', '.join(FINE_CASES)} steps)"
         + (" (quick run)" if report["quick"] else "")
         + "."
     )

@@ -210,11 +210,13 @@ def step_contestants(p: Problem) -> dict[str, Callable[[Problem], Any]]:
 # ---------------------------------------------------------------------------- the step case
 
 
-def check_first_step(factory: Callable[[Problem], Any], p: Problem) -> tuple[bool, str]:
-    """Run one step of a fresh contestant and of a fresh numpy reference and compare
-    the loss and every updated weight at the dtype's rtol."""
+def check_first_step(
+    factory: Callable[[Any], Any], p: Any, reference: Callable[[Any], Any] = NumpyStep
+) -> tuple[bool, str]:
+    """Run one step of a fresh contestant and of a fresh numpy ``reference`` and
+    compare the loss and every updated weight at the dtype's rtol."""
     rtol = RTOL[p.dtype]
-    ref = NumpyStep(p)
+    ref = reference(p)
     ref_loss = ref.step()
     c = factory(p)
     loss = c.step()

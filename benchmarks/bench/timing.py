@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-#: The tiny and small steps are timed in this many times more rounds, each this many
+#: The short steps (``FINE_CASES``) are timed in this many times more rounds, each this many
 #: times shorter (the same total): a step of theirs is short, and a slow spell of a
 #: shared machine then falls on every contestant alike instead of on one.
 FINE = 4
+#: The step cases timed that way.
+FINE_CASES = ("tiny", "small", "cnn")
 
 
 def _calibrate(fn: Callable[[], Any], target: float) -> int:
