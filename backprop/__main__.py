@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from backprop.check import GradcheckError
-from backprop.demo import DEFAULTS, OPTIMIZERS, DemoError
+from backprop.demo import DEFAULTS, MODELS, OPTIMIZERS, DemoError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,11 +54,13 @@ def _parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="train an MLP (figure 14.1) on the 8×8 digits, gradcheck it, write figures",
+        help="train an MLP (figure 14.1) or a CNN on the 8×8 digits, gradcheck it, write figures",
         description=(
-            "Train Linear → ReLU → Linear → SoftmaxCrossEntropy on the real 8×8 handwritten "
-            "digits, run the three-way gradcheck on the trained network, write figures, and "
-            "end with the line 'test accuracy: 0.xx'."
+            "Train Linear → ReLU → Linear → SoftmaxCrossEntropy (--model mlp, the default) or "
+            "Conv2d → ReLU → MaxPool2d → Conv2d → ReLU → Flatten → Linear → "
+            "SoftmaxCrossEntropy (--model cnn) on the real 8×8 handwritten digits, run the "
+            "three-way gradcheck on the trained network, write figures, and end with the "
+            "line 'test accuracy: 0.xx'."
         ),
         formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
@@ -69,50 +71,68 @@ def _parser() -> _Parser:
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except for on/off flags (their default is 'off')."""
+    """Shows each option's default, except for on/off flags (their default is 'off')
+    and options whose default depends on the model (their help says it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0:
+        if action.nargs == 0 or action.default is None:
             return action.help
         return super()._get_help_string(action)
 
 
+def _default(name: str) -> str:
+    """``(default: X)``, or ``(default: mlp X, cnn Y)`` when the models differ."""
+    shown = {m: d[name] for m, d in DEFAULTS.items() if name in d}
+    text = [
+        " ".join(map(str, v)) if isinstance(v, tuple | list) else str(v) for v in shown.values()
+    ]
+    if len(set(text)) == 1:
+        return f"(default: {text[0]})"
+    return "(default: " + ", ".join(f"{m} {t}" for m, t in zip(shown, text, strict=True)) + ")"
+
+
 def _training_arguments(demo: argparse.ArgumentParser) -> None:
-    """The network and how it is trained."""
+    """The network and how it is trained. Defaults are None here and filled in per
+    model by ``run``; the help shows them."""
+    demo.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp",
+        help="the network: mlp (figure 14.1) or cnn (two conv layers, max pooling)",
+    )
     demo.add_argument(
         "--hidden",
         type=_positive_int,
         nargs="+",
-        default=list(DEFAULTS["hidden"]),
         metavar="N",
-        help="hidden layer sizes: one Linear → ReLU per size",
+        help=f"hidden layer sizes of the MLP (--model mlp only): one Linear → ReLU per size "
+        f"{_default('hidden')}",
     )
     demo.add_argument(
         "--epochs",
         type=_positive_int,
-        default=DEFAULTS["epochs"],
         metavar="N",
-        help="passes over the training set",
+        help=f"passes over the training set {_default('epochs')}",
     )
     demo.add_argument(
-        "--lr", type=_positive, default=DEFAULTS["lr"], metavar="RATE", help="learning rate η"
+        "--lr", type=_positive, metavar="RATE", help=f"learning rate η {_default('lr')}"
     )
     demo.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"], help="the update rule"
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help=f"the update rule {_default('optimizer')}",
     )
     demo.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=DEFAULTS["batch_size"],
         metavar="N",
-        help="examples per minibatch",
+        help=f"examples per minibatch {_default('batch_size')}",
     )
     demo.add_argument(
         "--weight-decay",
         type=_non_negative,
-        default=DEFAULTS["weight_decay"],
         metavar="λ",
-        help="L2 weight decay: each step uses g + λθ",
+        help=f"L2 weight decay: each step uses g + λθ {_default('weight_decay')}",
     )
 
 
@@ -121,11 +141,10 @@ def _run_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--seed",
         type=_count,
-        default=DEFAULTS["seed"],
-        help="seeds the split, the initial weights and the minibatch order",
+        help=f"seeds the split, the initial weights and the minibatch order {_default('seed')}",
     )
     demo.add_argument(
-        "--out", default=DEFAULTS["out"], metavar="DIR", help="folder the figures are written to"
+        "--out", metavar="DIR", help=f"folder the figures are written to {_default('out')}"
     )
     demo.add_argument(
         "--no-augment",
@@ -136,9 +155,8 @@ def _run_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--gradcheck-examples",
         type=_count,
-        default=DEFAULTS["gradcheck_examples"],
         metavar="K",
-        help="test examples the gradcheck runs on (0 skips it)",
+        help=f"test examples the gradcheck runs on, 0 skips it {_default('gradcheck_examples')}",
     )
     demo.add_argument(
         "--no-progress",
@@ -167,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run(
+            model=args.model,
             hidden=args.hidden,
             epochs=args.epochs,
             lr=args.lr,

@@ -1,20 +1,26 @@
-"""The demo: an MLP shaped like figure 14.1, trained on the real 8×8 digits.
+"""The demo: an MLP (figure 14.1) or a small CNN, trained on the real 8×8 digits.
 
 ``python -m backprop demo`` (and ``make demo``) calls ``run``. It
 
 1. loads the 1,797 digits and splits them, seeded, into 75% training and 25% test;
-2. builds ``Linear → ReLU → ... → Linear → SoftmaxCrossEntropy`` (64 inputs,
-   10 classes), the chain of figure 14.1 ending in the cost ``J``;
+2. builds the model: for ``model="mlp"`` ``Linear → ReLU → ... → Linear →
+   SoftmaxCrossEntropy`` (64 inputs, 10 classes), the chain of figure 14.1
+   ending in the cost ``J``; for ``model="cnn"`` ``Conv2d → ReLU → MaxPool2d →
+   Conv2d → ReLU → Flatten → Linear → SoftmaxCrossEntropy`` on the images as
+   ``(N, 1, 8, 8)``, two conv layers, each a linear layer whose W is Toeplitz;
 3. trains it with seeded minibatches, showing the progress; the training set
    is enlarged with copies of each image shifted by one pixel. The test set is
    only watched: its loss and accuracy after each epoch are ``fit``'s
    validation columns, labelled "test" in the epoch lines and the figure, and
    nothing is chosen by them;
 4. runs the three-way ``gradcheck`` on the trained network at a few test
-   examples and prints the worst relative error;
+   examples and prints the worst relative error (the CNN entry by entry: see
+   ``CNN_GRADCHECK_MODE``);
 5. writes figures (when matplotlib is installed): the training curves, the
-   network drawn as a DAG, and ``∂ score / ∂ input`` for one test image, an
-   8×8 picture per class (chapter 14.9);
+   network drawn as a DAG (the MLP only), and ``∂ score / ∂ input`` for one
+   test image, an 8×8 picture per class (chapter 14.9); for the CNN also the
+   first conv layer's learned filters and its ``L^x``, the doubly-block
+   Toeplitz matrix, next to the kernel it repeats;
 6. ends with the line ``test accuracy: 0.98``.
 
 The settings are checked, and the output folder made and tried, before the
@@ -37,7 +43,7 @@ from backprop.check import GradcheckError, gradcheck
 from backprop.datasets import load_digits, train_test_split
 from backprop.graph import Sequential
 from backprop.layer import Layer
-from backprop.layers import Linear, ReLU, SoftmaxCrossEntropy
+from backprop.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, SoftmaxCrossEntropy
 from backprop.optim import SGD, Adam, Optimizer
 from backprop.train import History, accuracy, fit
 
@@ -45,15 +51,14 @@ __all__ = [
     "DEFAULTS",
     "DemoError",
     "DemoResult",
+    "build_cnn",
     "build_mlp",
     "make_optimizer",
     "run",
     "shift_augment",
 ]
 
-#: The demo's default settings (``python -m backprop demo --help`` shows them).
-DEFAULTS: dict[str, Any] = {
-    "hidden": (256,),
+_SHARED: dict[str, Any] = {
     "epochs": 20,
     "lr": 2e-3,
     "optimizer": "adam",
@@ -64,6 +69,21 @@ DEFAULTS: dict[str, Any] = {
     "augment": True,
     "gradcheck_examples": 3,
 }
+
+#: Each model's default settings (``python -m backprop demo --help`` shows them).
+#: The CNN's were measured on seeds 0-4: at least 98.6% test accuracy each.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": (256,), **_SHARED},
+    "cnn": dict(_SHARED),
+}
+MODELS = tuple(DEFAULTS)
+
+#: The CNN is checked entry by entry. The digits' blank background makes exact
+#: ties in max pooling (the four ReLU(b) of a 2×2 window are equal), where the
+#: max has a kink: every random direction of the input crosses one, so the
+#: directions mode that ``"auto"`` picks for a net this size could not check
+#: the input; entry by entry only the entries at a tie are excluded.
+CNN_GRADCHECK_MODE = "entries"
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -110,6 +130,25 @@ def build_mlp(
     return Sequential(layers)
 
 
+def build_cnn(image: tuple[int, int] = (8, 8), n_classes: int = 10, *, seed: int = 0) -> Sequential:
+    """Two 3×3 conv layers (16 and 32 channels, padding 1) with a 2×2 max pooling
+    between them, then ``Flatten → Linear → SoftmaxCrossEntropy``; input ``(B, 1, *image)``."""
+    rng = np.random.default_rng(seed)
+    features = 32 * (image[0] // 2) * (image[1] // 2)
+    return Sequential(
+        [
+            Conv2d(1, 16, 3, padding=1, rng=rng),
+            ReLU(),
+            MaxPool2d(2),
+            Conv2d(16, 32, 3, padding=1, rng=rng),
+            ReLU(),
+            Flatten(),
+            Linear(features, n_classes, rng=rng),
+            SoftmaxCrossEntropy(),
+        ]
+    )
+
+
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> Optimizer:
     """``"sgd"`` (eq. 14.9), ``"momentum"`` (SGD with μ = 0.9) or ``"adam"``."""
     if name == "sgd":
@@ -139,7 +178,7 @@ def shift_augment(X: np.ndarray, y: np.ndarray, shape: tuple[int, int] = (8, 8))
 
 
 def _score_gradients(net: Sequential, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, ∂ score / ∂ x)`` for one input ``x`` of shape ``(64,)``.
+    """``(scores, ∂ score / ∂ x)`` for one input ``x`` (``(64,)``, or ``(1, 8, 8)`` for the CNN).
 
     The network without its loss maps ``x`` to the 10 class scores. Running it on
     10 copies of ``x`` and seeding the backward pass with the identity, row ``k``
@@ -147,7 +186,7 @@ def _score_gradients(net: Sequential, x: np.ndarray) -> tuple[np.ndarray, np.nda
     """
     scorer = Sequential(net.layers[:-1])
     n_classes = net.layers[-2].params["W"].shape[0]
-    scores = scorer.forward(np.repeat(x[None, :], n_classes, axis=0))
+    scores = scorer.forward(np.repeat(x[None], n_classes, axis=0))
     g_0, _ = scorer.backward(np.eye(n_classes, dtype=x.dtype))
     return np.array(scores[0]), np.asarray(g_0)
 
@@ -201,7 +240,9 @@ def _figures(
         written.append(path)
 
     save(plot.plot_history(history, val_label="test"), "training_curves.png")
-    save(plot.draw_graph(net), "network.png")
+    conv = net.layers[0]
+    if not isinstance(conv, Conv2d):  # the CNN's long layer names overlap in draw_graph
+        save(plot.draw_graph(net), "network.png")
     x, label = X_test[0], int(y_test[0])
     scores, grads = _score_gradients(net, x)
     guess = int(np.argmax(scores))
@@ -210,12 +251,16 @@ def _figures(
     fig.axes[0].set_title(f"input x: a {label}", fontsize=9)
     fig.suptitle("gradient of each class score with respect to the input image")
     save(fig, "input_gradients.png")
+    if isinstance(conv, Conv2d):
+        save(plot.plot_filters(conv.params["W"]), "filters.png")
+        strongest = int(np.argmax(np.abs(conv.params["W"].value).sum(axis=(1, 2, 3))))
+        save(plot.plot_toeplitz(conv, X_test.shape[2:], out_channel=strongest), "toeplitz.png")
     say(f"figures written to {out}/: {', '.join(p.name for p in written)}")
     return written
 
 
 def _check_gradients(
-    net: Any, X: np.ndarray, y: np.ndarray, say: Callable[[str], None]
+    net: Any, X: np.ndarray, y: np.ndarray, say: Callable[[str], None], mode: str = "auto"
 ) -> tuple[float | None, GradcheckError | None]:
     """The three-way check of the trained net on the examples ``X``: ``(worst
     relative error, None)``, or ``(None, the error)`` when it fails."""
@@ -224,46 +269,80 @@ def _check_gradients(
         return None, None
     t = time.perf_counter()
     try:
-        report = gradcheck(net, X, y[:k])
+        report = gradcheck(net, X, y[:k], mode=mode)
     except GradcheckError as e:
         say(f"gradcheck FAILED: {e}")
         return None, e
-    exact = max(v for c, v in report.checks.items() if "finite" not in c)
+    exact = max(v for c, v in report.checks.items() if "finite" not in c and "directional" not in c)
+    kinks = sum(
+        n
+        for c, (n, _) in report.excluded.items()
+        if c.endswith("fast backward vs finite differences")
+    )
+    skipped = f"; {kinks} entries at a kink within the step left out" if kinks else ""
     say(
         f"gradcheck on {k} test examples: {len(report.checks)} comparisons passed in "
         f"{time.perf_counter() - t:.1f} s; worst relative error {report.worst:.1e} "
-        f"(against finite differences), {exact:.1e} between the fast backward pass "
-        f"and the explicit Jacobians"
+        f"(against finite differences{skipped}), {exact:.1e} between the fast backward "
+        f"pass and the explicit Jacobians"
     )
     return report.worst, None
 
 
+_TITLES = {
+    "mlp": "a multilayer perceptron (figure 14.1)",
+    "cnn": "a convolutional network (each conv layer a linear layer whose W is Toeplitz)",
+}
+
+
+def _settings(model: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with each None replaced by ``model``'s default; checks the model,
+    that ``hidden`` is only given to the MLP, and the seed."""
+    if model not in DEFAULTS:
+        raise DemoError("model", f"must be one of {', '.join(MODELS)}, got {model!r}")
+    if model != "mlp" and given.get("hidden") is not None:
+        raise DemoError("hidden", f"sets the MLP's hidden layers; it does not apply to {model!r}")
+    settings = {k: DEFAULTS[model].get(k) if v is None else v for k, v in given.items()}
+    seed = settings["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DemoError("seed", f"must be an integer >= 0, got {seed!r}")
+    return settings
+
+
 def run(
     *,
-    hidden: Sequence[int] = DEFAULTS["hidden"],
-    epochs: int = DEFAULTS["epochs"],
-    lr: float = DEFAULTS["lr"],
-    optimizer: str = DEFAULTS["optimizer"],
-    batch_size: int = DEFAULTS["batch_size"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    seed: int = DEFAULTS["seed"],
-    out: str | Path = DEFAULTS["out"],
-    augment: bool = DEFAULTS["augment"],
-    gradcheck_examples: int = DEFAULTS["gradcheck_examples"],
+    model: str = "mlp",
+    hidden: Sequence[int] | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    seed: int | None = None,
+    out: str | Path | None = None,
+    augment: bool | None = None,
+    gradcheck_examples: int | None = None,
     progress: bool | str = True,
     file: TextIO | None = None,
 ) -> DemoResult:
     """Train, check and draw (see the module docstring); print as it goes.
 
-    The last line printed is ``test accuracy: 0.xx``. A failing gradcheck is
-    reported in full (with its table of worst entries) and its
-    ``GradcheckError`` re-raised after the figures are written. A bad ``seed``
-    or ``out`` raises ``DemoError`` before anything is printed or trained.
+    ``model`` is ``"mlp"`` or ``"cnn"``; every setting left at None takes that
+    model's value in ``DEFAULTS`` (``hidden`` is the MLP's only). The last line
+    printed is ``test accuracy: 0.xx``. A failing gradcheck is reported in full
+    (with its table of worst entries) and its ``GradcheckError`` re-raised
+    after the figures are written. A bad ``model``, ``seed`` or ``out``, or
+    ``hidden`` given to the CNN, raises ``DemoError`` before anything is
+    printed or trained.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise DemoError("seed", f"must be an integer >= 0, got {seed!r}")
+    given = dict(
+        hidden=hidden, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size,
+        weight_decay=weight_decay, seed=seed, out=out, augment=augment,
+        gradcheck_examples=gradcheck_examples,
+    )  # fmt: skip
+    s = _settings(model, given)
     plt = _pyplot()
-    folder = _output_folder(out) if plt is not None else None
+    folder = _output_folder(s["out"]) if plt is not None else None
     stream = sys.stdout if file is None else file
 
     def say(line: str = "") -> None:
@@ -271,36 +350,46 @@ def run(
 
     start = time.perf_counter()
     X, y = load_digits()
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_fraction=0.25, rng=seed)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_fraction=0.25, rng=s["seed"])
     n_real = X_train.shape[0]
-    if augment:
+    if s["augment"]:
         X_train, y_train = shift_augment(X_train, y_train)
-    net = build_mlp(hidden, X.shape[1], int(y.max()) + 1, seed=seed)
-    opt = make_optimizer(optimizer, net.parameters(), lr, weight_decay)
-    say("backprop demo: a multilayer perceptron (figure 14.1) on the 8×8 handwritten digits")
-    extra = f", {X_train.shape[0]} with one-pixel shifts" if augment else ""
+    n_classes = int(y.max()) + 1
+    if model == "cnn":
+        X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)
+        net = build_cnn((8, 8), n_classes, seed=s["seed"])
+    else:
+        net = build_mlp(s["hidden"], X.shape[1], n_classes, seed=s["seed"])
+    opt = make_optimizer(s["optimizer"], net.parameters(), s["lr"], s["weight_decay"])
+    say(f"backprop demo: {_TITLES[model]} on the 8×8 handwritten digits")
+    extra = f", {X_train.shape[0]} with one-pixel shifts" if s["augment"] else ""
     say(
         f"data: {X.shape[0]} images of 8×8 pixels, {n_real} for training{extra}, "
         f"{X_test.shape[0]} held out for the test"
     )
     say(str(net))
-    say(f"training: {opt!r}, {epochs} epochs, minibatches of {batch_size}, seed {seed}")
+    say(
+        f"training: {opt!r}, {s['epochs']} epochs, minibatches of {s['batch_size']}, "
+        f"seed {s['seed']}"
+    )
     history = fit(
         net,
         X_train,
         y_train,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=s["epochs"],
+        batch_size=s["batch_size"],
         optimizer=opt,
         validation=(X_test, y_test),
         validation_label="test",
-        seed=seed,
+        seed=s["seed"],
         progress=progress,
         file=stream,
     )
     say(f"trained in {history.seconds[-1]:.1f} s")
 
-    worst, failure = _check_gradients(net, X_test[:gradcheck_examples], y_test, say)
+    mode = CNN_GRADCHECK_MODE if model == "cnn" else "auto"
+    checked = X_test[: s["gradcheck_examples"]]
+    worst, failure = _check_gradients(net, checked, y_test, say, mode)
     if plt is None or folder is None:
         say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
         figures = []

@@ -54,6 +54,45 @@ def test_default_demo_reaches_97_percent(tmp_path) -> None:
     assert len(result.history) == 20
 
 
+def test_short_cnn_demo_prints_the_lines_and_writes_the_figures(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figs"
+    argv = ["demo", "--model", "cnn", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--gradcheck-examples", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = "\n".join(lines)
+    assert lines[0].startswith("backprop demo: a convolutional network")
+    assert ACCURACY_LINE.fullmatch(lines[-1]), lines[-1]
+    assert float(ACCURACY_LINE.fullmatch(lines[-1])[1]) > 0.8  # one epoch already learns a lot
+    assert "Conv2d(1→16, kernel 3, padding 1)" in text and "Linear(512→10)" in text
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/1"]
+    (check,) = [line for line in lines if line.startswith("gradcheck on 1 test examples")]
+    assert float(re.search(r"worst relative error (\S+) ", check)[1]) < 1e-2
+    assert re.search(r"; (\d+) entries at a kink within the step left out", check)
+    names = ["training_curves.png", "input_gradients.png", "filters.png", "toeplitz.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for name in names:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"figures written to {out}/: {', '.join(names)}" in text
+
+
+@pytest.mark.slow
+def test_default_cnn_demo_reaches_98_5_percent(tmp_path) -> None:
+    """The goal of the CNN demo, with the default settings (about 10 s of training here)."""
+    result = run(model="cnn", out=tmp_path, gradcheck_examples=0, progress=False)
+    assert result.test_accuracy >= 0.985
+    assert len(result.history) == 20
+
+
+def test_run_refuses_hidden_for_the_cnn_and_an_unknown_model(tmp_path, capsys) -> None:
+    with pytest.raises(DemoError, match="hidden: sets the MLP's hidden layers; .* 'cnn'"):
+        run(model="cnn", hidden=(16,), out=tmp_path / "figs")
+    with pytest.raises(DemoError, match="model: must be one of mlp, cnn, got 'resnet'"):
+        run(model="resnet", out=tmp_path / "figs")
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "figs").exists()
+
+
 def test_without_matplotlib_the_demo_still_trains(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
@@ -78,6 +117,8 @@ def test_help_lists_the_options() -> None:
         "--seed",
         "--out",
         "{sgd,momentum,adam}",
+        "--model {mlp,cnn}",
+        "(--model mlp only)",
     ):
         assert option in demo.stdout
 
@@ -92,6 +133,11 @@ def test_help_lists_the_options() -> None:
         (["demo", "--hidden"], "expected at least one argument"),
         (["demo", "--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
         (["train"], "invalid choice: 'train'"),
+        (["demo", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (
+            ["demo", "--model", "cnn", "--hidden", "16"],
+            "argument --hidden: sets the MLP's hidden layers; it does not apply to 'cnn'",
+        ),
     ],
 )
 def test_bad_options_give_one_line_and_status_2(args, words) -> None:

@@ -13,10 +13,13 @@ from the left (eq. 14.8 and 14.10).
 - ``jacobians``: ``plot_jacobian``, ``plot_sparsity``, ``plot_backward_step``;
 - ``history``: ``plot_history``, the training curves;
 - ``inputs``: ``plot_input_gradients``, gradients with respect to an input image;
+- ``conv``: ``plot_filters``, a convolution's kernels, and ``plot_toeplitz``, its
+  ``L^x`` as the doubly-block Toeplitz matrix next to the kernel it repeats;
 - ``dag``: ``draw_graph`` and ``to_dot``, a model as a DAG (read by ``_view``,
   placed by ``_layout``).
 """
 
+from backprop.plot.conv import plot_filters, plot_toeplitz
 from backprop.plot.dag import draw_graph, to_dot
 from backprop.plot.history import plot_history
 from backprop.plot.inputs import plot_input_gradients
@@ -25,9 +28,11 @@ from backprop.plot.jacobians import plot_backward_step, plot_jacobian, plot_spar
 __all__ = [
     "draw_graph",
     "plot_backward_step",
+    "plot_filters",
     "plot_history",
     "plot_input_gradients",
     "plot_jacobian",
     "plot_sparsity",
+    "plot_toeplitz",
     "to_dot",
 ]
