@@ -12,14 +12,25 @@ each by the candidate paths:
 
 - ``im2col+bmm``: the library's (``backprop.jacobian.conv``): ``unfold`` (im2col,
   one copy into GEMM order ``(B, 1, K, P)``) and a batched matrix product per
-  example; ``fold`` (col2im) for the input gradient; for the weight gradient the
+  example; for the input gradient ``conv2d_transpose`` (col2im with the batch as
+  the last axis, see below); for the weight gradient the
   per-example products ``G_b X_colᵀ`` and their sum (``bmm+sum``) or one
   ``tensordot`` over batch and positions (``tensordot``), from the patches that
   ``forward`` cached (not counted);
 - ``swv+tensordot`` / ``swv+einsum``: no im2col copy, the windows as a
   ``sliding_window_view`` contracted by ``np.tensordot`` (which copies into GEMM
   order itself) or ``np.einsum(optimize=True)``; the input gradient as the
-  correlation of the zero-padded ``g`` with the flipped kernel.
+  correlation of the zero-padded ``g`` with the flipped kernel;
+- ``im2col+bmm (conv of padded g)``: the stride-1 input gradient as the forward's
+  own path (``conv2d``: one im2col copy and one batched GEMM) run on ``g`` padded by
+  ``k - 1 - p``, with the flipped, channel-transposed kernel ``W[:, :, ::-1,
+  ::-1]ᵀ`` ``(c_in, c_out, k, k)``, instead of the ``k²`` strided adds of ``fold``;
+- the input gradient's col2im: ``fold`` on ``(B, c_in, H, W)`` (the batched GEMM
+  ``W_gᵀ g`` per example, then ``k²`` strided adds, each over runs of ``Wo``
+  entries), against the library's ``conv2d_transpose``, the same with the batch as
+  the last axis: ``g`` copied to ``(c_out, Ho·Wo·B)``, one GEMM for the whole batch,
+  the ``k²`` adds into ``(c_in, H, W, B)`` (runs of ``Wo·B`` contiguous entries),
+  and one copy back to ``(B, c_in, H, W)``.
 
 Every candidate is first checked against the library's product (rtol 1e-10 in
 float64, 1e-4 in float32), then all candidates of one product are timed interleaved
@@ -43,7 +54,7 @@ if __name__ == "__main__":
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backprop.jacobian.conv import ConvGeometry, conv2d, conv2d_transpose, unfold
+from backprop.jacobian.conv import ConvGeometry, conv2d, conv2d_transpose, fold, unfold
 
 #: name -> (c_in, H, c_out, k, padding): the conv layers of the two nets.
 LAYERS = {
@@ -80,6 +91,10 @@ def candidates(
         return _windows(g, k, k - 1 - p)
 
     g3 = g.reshape(B, 1, c_out, geo.P)
+    # the input gradient as a stride-1 convolution of g padded by k - 1 - p
+    geo_t = ConvGeometry(c_out, geo.Ho, geo.Wo, x.shape[1], (k, k), padding=(k - 1 - p,) * 2)
+    Wt = np.ascontiguousarray(Wf.transpose(1, 0, 2, 3))  # (c_in, c_out, k, k)
+
     return {
         "forward": {
             "im2col+bmm": lambda: conv2d(x, W, geo),
@@ -91,7 +106,9 @@ def candidates(
             ),
         },
         "input grad": {
-            "im2col+bmm (fold)": lambda: conv2d_transpose(g, W, geo),
+            "im2col+bmm (batch-last fold)": lambda: conv2d_transpose(g, W, geo),
+            "im2col+bmm (fold)": lambda: fold(np.matmul(W.reshape(c_out, -1).T, g3), geo),
+            "im2col+bmm (conv of padded g)": lambda: conv2d(g, Wt, geo_t),
             "swv+tensordot": lambda: np.tensordot(
                 full_windows(), Wf, axes=([1, 4, 5], [0, 2, 3])
             ).transpose(0, 3, 1, 2),

@@ -171,11 +171,27 @@ def conv2d(x: np.ndarray, W: np.ndarray, geo: ConvGeometry, cols: Any = None) ->
 
 def conv2d_transpose(g: np.ndarray, W: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     """``g L^x`` of ``conv(·; W)``: ``g`` ``(B, c_out, Ho, Wo)`` to ``(B, c_in, H, W)``,
-    ``fold(W_gᵀ g)`` (the transposed convolution)."""
-    B = g.shape[0]
-    Wg = _grouped(W, geo)
-    cols = np.matmul(Wg.transpose(0, 2, 1), g.reshape(B, geo.groups, -1, geo.P))
-    return fold(cols, geo)
+    ``fold(W_gᵀ g)`` (the transposed convolution).
+
+    ``fold`` with the batch as the last axis: ``g`` copied to ``(groups, c_out/groups,
+    P·B)``, one matrix product per group for the whole batch, the ``kh·kw`` adds into
+    ``(c_in, H, W, B)``, each over runs of ``Wo·B`` contiguous entries rather than
+    ``Wo``, and one copy back. ``benchmarks/conv_paths.py`` measured it 1.4 to 2.7
+    times faster than ``fold`` on ``(B, c_in, H, W)`` for the second conv layers of
+    the digits CNN and LeNet-5; on their first layers (``c_in = 1``, whose input
+    gradient a training step does not need) from 1.2 times faster to 1.9 slower.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    B, G, Ho, Wo = g.shape[0], geo.groups, geo.Ho, geo.Wo
+    g_last = g.reshape(B, G, -1, geo.P).transpose(1, 2, 3, 0).reshape(G, -1, geo.P * B)
+    cols = np.matmul(_grouped(W, geo).transpose(0, 2, 1), g_last)  # (G, Kg, P·B)
+    c6 = cols.reshape(geo.c_in, kh, kw, Ho, Wo, B)
+    out = np.zeros((geo.c_in, geo.H + 2 * ph, geo.W + 2 * pw, B), dtype=cols.dtype)
+    for ky in range(kh):
+        rows = slice(ky * dh, ky * dh + sh * (Ho - 1) + 1, sh)
+        for kx in range(kw):
+            out[:, rows, kx * dw : kx * dw + sw * (Wo - 1) + 1 : sw] += c6[:, ky, kx]
+    return np.ascontiguousarray(out[:, ph : ph + geo.H, pw : pw + geo.W].transpose(3, 0, 1, 2))
 
 
 def conv2d_weight_grad(g: np.ndarray, cols: np.ndarray, geo: ConvGeometry) -> np.ndarray:

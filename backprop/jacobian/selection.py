@@ -8,7 +8,9 @@ example) and of a lookup such as an embedding's rows.
 
 ``g L`` scatters ``g`` into the chosen columns, adding where two rows chose the
 same column (overlapping pooling windows); ``L u`` gathers ``u`` at the chosen
-columns, both in one pass over the ``B·M`` picked entries (a ``bincount``; for
+columns, both in one pass over the ``B·M`` picked entries. The scatter is an
+``np.add.at`` in the data's dtype (a ``bincount`` would sum in float64 and cast:
+measured 1.1 to 1.5 times slower in float32, 1.15 times faster in float64; for
 disjoint windows a plain assignment measured no faster).
 """
 
@@ -78,16 +80,17 @@ class IndexSelection(Jacobian):
 
     def _vjp(self, g: np.ndarray) -> np.ndarray:
         w = self._weighted(g)
-        dtype = np.result_type(w, self.dtype)
         B, N = self.batch, self.shape[1]
         # A column chosen several times (overlapping windows) adds up its entries.
-        out = np.bincount(self._flat_index(), weights=w.ravel(), minlength=B * N)
-        return out.astype(dtype, copy=False).reshape(B, N)
+        out = np.zeros(B * N, dtype=np.result_type(w, self.dtype))
+        np.add.at(out, self._flat_index(), w.ravel())
+        return out.reshape(B, N)
 
     def _vjp_sum(self, g: np.ndarray) -> np.ndarray:
         w = self._weighted(g)
-        total = np.bincount(self.index.ravel(), weights=w.ravel(), minlength=self.shape[1])
-        return total.astype(np.result_type(w, self.dtype), copy=False)
+        total = np.zeros(self.shape[1], dtype=np.result_type(w, self.dtype))
+        np.add.at(total, self.index.ravel(), w.ravel())
+        return total
 
     def _jvp(self, u: np.ndarray) -> np.ndarray:
         picked = np.take_along_axis(u, self.index, axis=1)

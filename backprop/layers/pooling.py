@@ -141,7 +141,10 @@ class MaxPool2d(_Pool2d):
     at most half the kernel. Per example ``L^x`` is an ``IndexSelection``: a 1 per
     row, at the window's argmax (the first maximal entry in row-major window order,
     as PyTorch picks). ``g_in`` scatters ``g_out`` to the argmaxes, adding where
-    windows overlap.
+    windows overlap. When the windows tile the input (stride = kernel, no padding)
+    and no output is NaN, ``backward`` writes ``g_out`` straight into each window's
+    first maximal entry, offset by offset; otherwise it goes through the
+    ``IndexSelection``.
     """
 
     _pad_value = -np.inf
@@ -152,6 +155,30 @@ class MaxPool2d(_Pool2d):
         for v in views[1:]:
             np.maximum(best, v, out=best)  # a NaN propagates, as in PyTorch
         return best
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        x_in, best = op.x_in[0], op.x_out
+        if self.stride != self.kernel_size or self.padding != (0, 0) or np.isnan(best).any():
+            return super()._backward(op, g_out, input_grad)  # through the IndexSelection
+        if not input_grad:
+            return None, {}
+        # Windows that tile the input: (B, C, Ho·kh, Wo·kw) is (B, C, Ho, kh, Wo, kw),
+        # and offset (a, b) of every window is the view [:, :, :, a, :, b].
+        (kh, kw), (B, C, H, W), (Ho, Wo) = self.kernel_size, x_in.shape, best.shape[2:]
+        x6 = x_in[:, :, : Ho * kh, : Wo * kw].reshape(B, C, Ho, kh, Wo, kw)
+        tiled = (H, W) == (Ho * kh, Wo * kw)
+        g_in = (np.empty if tiled else np.zeros)(x_in.shape, dtype=g_out.dtype)
+        g6 = g_in[:, :, : Ho * kh, : Wo * kw].reshape(B, C, Ho, kh, Wo, kw)
+        free = np.ones(best.shape, dtype=bool)  # windows whose max is still to be met
+        for a in range(kh):
+            for b in range(kw):  # row-major: the first maximal entry takes g_out
+                hit = x6[:, :, :, a, :, b] == best
+                hit &= free
+                np.multiply(g_out, hit, out=g6[:, :, :, a, :, b])
+                free ^= hit
+        return g_in, {}
 
     def _argmax(self, op: OperatingPoint) -> np.ndarray:
         """Per example, the flat index in ``(C, H, W)`` of each window's argmax,
