@@ -25,7 +25,7 @@ from backprop.jacobian.conv import (
     conv2d_weight_grad,
     unfold,
 )
-from backprop.layer import Layer, OperatingPoint
+from backprop.layer import Layer, OperatingPoint, Parameter
 from backprop.layers.linear import _as_parameter, _given_dtype
 
 __all__ = ["Conv2d", "ConvTranspose2d"]
@@ -113,6 +113,16 @@ class _Conv(Layer):
             if b is None:
                 b = gen.uniform(-bound, bound, size=c_out).astype(dtype)
             self.params["b"] = _as_parameter(f"{self!r}: b", b, (c_out,), dtype)
+
+    @property
+    def W(self) -> Parameter:
+        """The kernel, ``params["W"]``."""
+        return self.params["W"]
+
+    @property
+    def b(self) -> Parameter | None:
+        """The bias, ``params["b"]`` (None without one)."""
+        return self.params.get("b")
 
     def _check(self, x_in: np.ndarray) -> None:
         if x_in.ndim != 4 or x_in.shape[1] != self.c_in:
