@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class InputsAndParams:
         return iter((next(iter(self.inputs.values()), None), self.params))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gradients(InputsAndParams):
     """What ``backward`` returns, for any model.
 
@@ -115,7 +115,13 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
             if not cache:
                 for k in ins:
                     meta[k], values[k] = (values[k].shape, values[k].dtype), None
-            out = _run(graph, i, args, cache)
+            if isinstance(layer, Layer):  # the common case, without a call around it
+                try:
+                    out = layer.forward(*args, cache=cache)
+                except (ValueError, TypeError) as e:
+                    _reraise(graph, i, args, e)
+            else:
+                out = _run(graph, i, args, cache)
             if node.multi:
                 for k, o in zip(outs, out, strict=True):
                     values[k] = o
@@ -176,16 +182,20 @@ def _run(graph: Graph, i: int, args: list[Any], cache: bool) -> Any:
         out = forward(layer, dict(zip(layer.input_names(), args, strict=True)), cache)
         return out if node.multi else out[0]
     except (ValueError, TypeError) as e:
-        shapes = ", ".join(
-            f"{graph._port_name(src)} {np.shape(a)}"
-            for src, a in zip(node.inputs, args, strict=True)
-        )
-        msg = f"{graph._where(i)} with input(s) {shapes or '-'}: {e}"
-        try:
-            wrapped = type(e)(msg)
-        except Exception:
-            raise e from None
-        raise wrapped from e
+        _reraise(graph, i, args, e)
+
+
+def _reraise(graph: Graph, i: int, args: list[Any], e: Exception) -> NoReturn:
+    """Raise ``e`` again, its message led by the node and the shapes it was given."""
+    node = graph._nodes[i]
+    shapes = ", ".join(
+        f"{graph._port_name(src)} {np.shape(a)}" for src, a in zip(node.inputs, args, strict=True)
+    )
+    try:
+        wrapped = type(e)(f"{graph._where(i)} with input(s) {shapes or '-'}: {e}")
+    except Exception:  # an exception type that takes other arguments: keep it as it is
+        raise e from None
+    raise wrapped from e
 
 
 # -- seeds -------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from backprop.graph import run
 from backprop.graph.chain import Jacobians
 from backprop.graph.graph import Graph
@@ -62,7 +64,9 @@ class Sequential(Graph):
         any model, the inputs may also be given by name, ``forward({"x": X})``.
         ``cache=False`` keeps no operating point in any layer (inference only).
         """
-        if isinstance(x, Mapping) and not targets:
+        if type(x) is not np.ndarray and isinstance(x, Mapping):  # inputs by name
+            if targets:
+                raise TypeError("Sequential.forward: give the inputs by name or in order, not both")
             return super().forward(x, cache=cache)
         names = self._input_list
         if len(targets) != len(names) - 1:
