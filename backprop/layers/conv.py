@@ -26,7 +26,7 @@ from backprop.jacobian.conv import (
     unfold,
 )
 from backprop.layer import Layer, OperatingPoint, Parameter
-from backprop.layers.linear import _as_parameter, _given_dtype
+from backprop.layers.linear import _given_dtype, weight_and_bias
 
 __all__ = ["Conv2d", "ConvTranspose2d"]
 
@@ -104,15 +104,8 @@ class _Conv(Layer):
         first, second = (c_in, c_out) if self._transposed else (c_out, c_in)
         w_shape = (first, second // groups, *self.kernel_size)
         fan_in = w_shape[1] * self.kernel_size[0] * self.kernel_size[1]
-        gen = np.random.default_rng(rng)
-        bound = 1.0 / np.sqrt(fan_in)
-        if W is None:
-            W = gen.uniform(-bound, bound, size=w_shape).astype(dtype)
-        self.params["W"] = _as_parameter(f"{self!r}: W", W, w_shape, dtype)
-        if bias:
-            if b is None:
-                b = gen.uniform(-bound, bound, size=c_out).astype(dtype)
-            self.params["b"] = _as_parameter(f"{self!r}: b", b, (c_out,), dtype)
+        where = repr(self)
+        self.params.update(weight_and_bias(where, W, b, w_shape, c_out, fan_in, bias, rng, dtype))
 
     @property
     def W(self) -> Parameter:

@@ -43,6 +43,32 @@ def _as_parameter(where: str, value: Any, shape: tuple[int, ...], dtype: Any) ->
     return value
 
 
+def weight_and_bias(
+    where: str,
+    W: Any,
+    b: Any,
+    shape: tuple[int, ...],
+    n_bias: int,
+    fan_in: int,
+    bias: bool,
+    rng: Any,
+    dtype: Any,
+) -> dict[str, Parameter]:
+    """``{"W": ..., "b": ...}`` as Parameters: given values checked against ``shape``
+    (``b``: ``n_bias`` entries) and ``dtype``, the others drawn uniformly from
+    ``±1/sqrt(fan_in)`` with ``rng``, ``W`` first, as PyTorch initialises them."""
+    gen = np.random.default_rng(rng)
+    bound = 1.0 / np.sqrt(fan_in)
+    if W is None:
+        W = gen.uniform(-bound, bound, size=shape).astype(dtype)
+    params = {"W": _as_parameter(f"{where}: W", W, shape, dtype)}
+    if bias:
+        if b is None:
+            b = gen.uniform(-bound, bound, size=n_bias).astype(dtype)
+        params["b"] = _as_parameter(f"{where}: b", b, (n_bias,), dtype)
+    return params
+
+
 class Linear(Layer):
     """``x_out = W x_in + b`` per example (eq. 14.12), on the last axis of ``x_in``.
 
@@ -89,18 +115,12 @@ class Linear(Layer):
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise TypeError(f"Linear: dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.n_in, self.n_out = int(n_in), int(n_out)
-        gen = np.random.default_rng(rng)
-        bound = 1.0 / np.sqrt(n_in)
-        if W is None:
-            W = gen.uniform(-bound, bound, size=(n_out, n_in)).astype(dtype)
         if b is not None and not bias:
             raise ValueError("Linear: b was given but bias=False")
         where = f"Linear({self.n_in}→{self.n_out}{'' if bias else ', bias=False'})"
-        self.params["W"] = _as_parameter(f"{where}: W", W, (n_out, n_in), dtype)
-        if bias:
-            if b is None:
-                b = gen.uniform(-bound, bound, size=n_out).astype(dtype)
-            self.params["b"] = _as_parameter(f"{where}: b", b, (n_out,), dtype)
+        shape = (self.n_out, self.n_in)
+        params = weight_and_bias(where, W, b, shape, self.n_out, self.n_in, bias, rng, dtype)
+        self.params.update(params)
 
     @property
     def W(self) -> Parameter:
