@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import backprop as bp
 
 from .problems import LR
-from .steps import check_first_step, importable, torch_ok
+from .steps import EngineStep, check_first_step, importable, torch_ok
 from .timing import check_note, time_against
 
 Spec = tuple[Any, ...]
@@ -273,28 +273,14 @@ def build_engine_convnet(p: ConvProblem) -> bp.Sequential:
     return bp.Sequential(layers)
 
 
-class EngineConvStep:
-    """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``."""
+class EngineConvStep(EngineStep):
+    """This engine on a convnet: the MLP step's forward, backward and SGD update."""
 
-    label = "backprop (fast)"
+    weighted = (bp.Conv2d, bp.Linear)
 
-    def __init__(self, p: ConvProblem) -> None:
-        self.net = build_engine_convnet(p)
-        self.opt = bp.SGD(self.net.parameters(), lr=p.lr)
-        self.X, self.y = p.X, p.y
-
-    def step(self) -> float:
-        J = self.net.forward(self.X, self.y)
-        _, grads = self.net.backward(input_grad=False)
-        self.opt.step(grads)
-        return float(J)
-
-    def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [
-            (layer.params["W"].value, layer.params["b"].value)
-            for layer in self.net
-            if isinstance(layer, bp.Conv2d | bp.Linear)
-        ]
+    @staticmethod
+    def build(p: Any) -> bp.Sequential:
+        return build_engine_convnet(p)
 
 
 class TorchConvStep:

@@ -74,10 +74,17 @@ class EngineStep:
 
     label = "backprop (fast)"
 
-    def __init__(self, p: Problem) -> None:
-        self.net = build_engine_net(p)
+    #: The layers that hold a ``W`` and a ``b``, in order (what ``weights`` lists).
+    weighted: tuple[type, ...] = (bp.Linear,)
+
+    def __init__(self, p: Any) -> None:
+        self.net = self.build(p)
         self.opt = bp.SGD(self.net.parameters(), lr=p.lr)
         self.X, self.y = p.X, p.y
+
+    @staticmethod
+    def build(p: Any) -> bp.Sequential:
+        return build_engine_net(p)
 
     def step(self) -> float:
         J = self.net.forward(self.X, self.y)
@@ -86,8 +93,8 @@ class EngineStep:
         return float(J)
 
     def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        lins = [layer for layer in self.net if isinstance(layer, bp.Linear)]
-        return [(lin.params["W"].value, lin.params["b"].value) for lin in lins]
+        layers = [layer for layer in self.net if isinstance(layer, self.weighted)]
+        return [(layer.params["W"].value, layer.params["b"].value) for layer in layers]
 
 
 class TorchStep:
