@@ -191,9 +191,10 @@ class SGD(Optimizer):
         for p, g in self._checked(grads):
             new = g * step  # one new array, then θ added in place: θ - ηg, same rounding
             new += p._value
+            new.setflags(write=False)  # what Parameter._assign does with a fresh array
             news.append((p, new))
         for p, new in news:
-            p._assign(new)
+            p._value = new
 
     def _update(
         self, p: Parameter, g: np.ndarray, state: dict[str, Any]

@@ -398,3 +398,65 @@ def test_non_loss_chain_without_g_L_names_the_missing_seed() -> None:
     net.forward(np.ones((4, 3)))
     with pytest.raises(TypeError, match=r"Sequential.backward needs g_L .*\(4, 2\)"):
         net.backward()
+
+
+# -- the chain loop and the executor's general walk --------------------------------------
+
+
+def _run_both_ways(
+    monkeypatch: pytest.MonkeyPatch, net: bp.Sequential, *inputs: np.ndarray
+) -> list[tuple[object, bp.Gradients]]:
+    """``forward`` then ``backward`` of ``net``, once as the chain loop that a Sequential
+    runs and once by the executor's general walk over the DAG (chains not recognized)."""
+    from backprop.graph import state
+
+    results = [(net.forward(*inputs), net.backward())]
+    monkeypatch.setattr(state, "_find_chain", lambda graph, plan: None)
+    monkeypatch.setattr(net, "_chain", None)
+    monkeypatch.setattr(net, "_plans", {})
+    results.append((net.forward(*inputs), net.backward()))
+    return results
+
+
+def test_the_chain_loop_and_the_general_walk_give_the_same_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(11)
+    net = classifier(rng)
+    X, y = rng.standard_normal((7, 5)), rng.integers(0, 4, size=7)
+    assert net._chain is not None  # a Sequential is recognized as one chain
+    (J1, g1), (J2, g2) = _run_both_ways(monkeypatch, net, X, y)
+    assert J1 == J2
+    assert list(g1.inputs) == list(g2.inputs) == ["x"]
+    np.testing.assert_array_equal(g1.inputs["x"], g2.inputs["x"])
+    assert list(g1.params) == list(g2.params) == net.parameters()
+    for p in net.parameters():
+        np.testing.assert_array_equal(g1.params[p], g2.params[p])
+        assert [name for name, _ in g1.per_use[p]] == [name for name, _ in g2.per_use[p]]
+
+
+def test_a_failing_layer_in_the_chain_loop_is_named_and_changes_nothing() -> None:
+    rng = np.random.default_rng(12)
+    net = classifier(rng)
+    X, y = rng.standard_normal((3, 5)), rng.integers(0, 4, size=3)
+    net.forward(X, y)
+    ops = [layer._op for layer in net]
+    with pytest.raises(ValueError, match=r"layer 5 .*labels \(3,\).*labels must lie in 0\.\.3"):
+        net.forward(X, np.array([0, 1, 9]))  # the loss, last, refuses a label
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear.*x \(3, 6\)"):
+        net.forward(np.hstack([X, X[:, :1]]), y)  # the first layer refuses the width
+    assert [layer._op for layer in net] == ops
+    grads = net.backward()  # still at the first forward's point
+    assert grads.inputs["x"].shape == X.shape
+
+
+def test_a_graph_that_is_a_chain_runs_as_one_and_fan_out_does_not() -> None:
+    g = bp.Graph()
+    x = g.input("x")
+    g.output(g.add(bp.Tanh(), g.add(bp.Linear(3, 2, rng=0), x)))
+    assert g._chain is not None
+    h = bp.Graph()
+    x = h.input("x")
+    t = h.add(bp.Tanh(), x)
+    h.output(h.add(bp.Add(), t, h.add(bp.Sigmoid(), t)))  # t is read twice: a fan-out
+    assert h._chain is None

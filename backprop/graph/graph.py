@@ -188,8 +188,10 @@ class Graph:
             (
                 i,
                 self._nodes[i],
+                self._nodes[i].layer,
                 tuple(self._slots[src] for src in self._nodes[i].inputs),
                 tuple(self._slots[(i, k)] for k in range(self._nodes[i].n_out)),
+                state.step_kind(self._nodes[i]),
             )
             for i in self._order
         ]
@@ -198,7 +200,8 @@ class Graph:
         self._layers = [n.layer for n in self._nodes if isinstance(n.layer, Layer)]
         self._nested = [n.layer for n in self._nodes if _is_graph(n.layer)]
         self._needs_by_inputs: dict[tuple[bool, ...], list[bool]] = {}
-        self._plans: dict[tuple[bool, ...], list[tuple[Any, ...]]] = {}
+        self._plans: dict[tuple[bool, ...], state.Plan] = {}
+        self._chain = state.find_chain(self)
         named = self.named_parameters()
         self._parameters = list(named.values())
         for pname, p in named.items():
@@ -308,14 +311,15 @@ class Graph:
         ``input_grad=False`` computes no input gradient (``inputs`` is empty),
         which skips the first layers' input products.
         """
-        where = f"{self._kind()}.backward"
-        if mode not in run.MODES:
-            raise ValueError(f"{where}: mode must be one of {run.MODES}, got {mode!r}")
-        if per_example and mode != "fast":
-            raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
+        if mode != "fast":
+            where = f"{self._kind()}.backward"
+            if mode not in run.MODES:
+                raise ValueError(f"{where}: mode must be one of {run.MODES}, got {mode!r}")
+            if per_example:
+                raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
         self._require_outputs("backward")
         self._require_cached()
-        seeds = run.seeds(self, seed, where)
+        seeds = run.seeds(self, seed, None)
         return run.backward(self, seeds, mode, per_example, input_grad)
 
     def evaluate(self, value: str, inputs: Mapping[str, Any] | None = None, **named: Any) -> Any:
@@ -364,6 +368,8 @@ class Graph:
         self._require_cached(what)
 
     def _require_cached(self, what: str = "backward") -> None:
+        if self._state == "cached" and state.tokens(self) == self._tokens:
+            return  # the common case: the last forward's operating points are in place
         where = f"{self._kind()}.{what}"
         if self._state is None:
             raise RuntimeError(

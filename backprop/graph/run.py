@@ -15,8 +15,7 @@ fast step with each parameter gradient kept as ``B`` per-example terms.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -63,7 +62,6 @@ class InputsAndParams:
         return iter((next(iter(self.inputs.values()), None), self.params))
 
 
-@dataclass
 class Gradients(InputsAndParams):
     """What ``backward`` returns, for any model.
 
@@ -81,9 +79,25 @@ class Gradients(InputsAndParams):
     gets a gradient (``None`` when none does).
     """
 
-    inputs: dict[str, np.ndarray]
-    params: dict[Parameter, np.ndarray]
-    per_use: dict[Parameter, list[tuple[str, np.ndarray]]]
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        params: dict[Parameter, np.ndarray],
+        uses: list[tuple[Parameter, str, np.ndarray]],
+    ) -> None:
+        self.inputs, self.params = inputs, params
+        self._uses = uses  # every (Parameter, node name, term) in the order backward met them
+        self._per_use: dict[Parameter, list[tuple[str, np.ndarray]]] | None = None
+
+    @property
+    def per_use(self) -> dict[Parameter, list[tuple[str, np.ndarray]]]:
+        """``{p: [(node name, term), ...]}`` for every Parameter, built when first read."""
+        if self._per_use is None:
+            per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {p: [] for p in self.params}
+            for p, name, grad in self._uses:
+                per_use[p].append((name, grad))
+            self._per_use = per_use
+        return self._per_use
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{k} {v.shape}" for k, v in self.inputs.items())
@@ -100,14 +114,25 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
     consumer has read it (only its shape is kept). A failed node leaves every
     node at its previous operating point.
     """
+    if cache and graph._chain is not None:
+        chain = graph._chain
+        return (forward_chain(graph, given[chain.foot[0]], [given[n] for n, _ in chain.extras]),)
     saved = state.snapshot(graph)
     values: list[Any] = [None] * len(graph._slots)
     meta: list[Any] = [None] * len(graph._slots) if not cache else []
     float_input: dict[int, bool] = {}
     try:
-        for i, node, ins, outs in graph._steps:
-            layer = node.layer
-            if layer is None:  # an input
+        for i, node, layer, ins, outs, kind in graph._steps:
+            if kind == state.SIMPLE:  # most nodes: one value in, one out
+                x = values[ins[0]]
+                if not cache:
+                    meta[ins[0]], values[ins[0]] = (x.shape, x.dtype), None
+                try:
+                    values[outs[0]] = layer.forward(x, cache=cache)
+                except (ValueError, TypeError) as e:
+                    _reraise(graph, i, [x], e)
+                continue
+            if kind == state.INPUT:
                 x = values[outs[0]] = np.asarray(given[node.name])
                 float_input[i] = x.dtype.kind == "f"
                 continue
@@ -115,13 +140,7 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
             if not cache:
                 for k in ins:
                     meta[k], values[k] = (values[k].shape, values[k].dtype), None
-            if isinstance(layer, Layer):  # the common case, without a call around it
-                try:
-                    out = layer.forward(*args, cache=cache)
-                except (ValueError, TypeError) as e:
-                    _reraise(graph, i, args, e)
-            else:
-                out = _run(graph, i, args, cache)
+            out = _run(graph, i, args, cache)
             if node.multi:
                 for k, o in zip(outs, out, strict=True):
                     values[k] = o
@@ -132,6 +151,47 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
         raise
     # Which inputs want a gradient: float data that requires one.
     wanted = tuple([graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs])
+    return _done(graph, values, meta, wanted, cache)
+
+
+def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
+    """``forward`` (cached) of a chain (``graph._chain``; a Sequential): the plain loop
+    ``x_l = f_l(x_{l-1}, θ_l)``, one value handed on. ``extras`` are the last layer's
+    other inputs (a loss's targets), in order. Returns the one output's value."""
+    chain: state.Chain = graph._chain  # type: ignore[assignment]
+    values: list[Any] = [None] * len(graph._slots)
+    x = values[chain.foot[1]] = np.asarray(x)
+    extras = [np.asarray(t) for t in extras] if extras else []
+    for (_, slot), t in zip(chain.extras, extras, strict=True):
+        values[slot] = t
+    layers = chain.layers
+    before = list(map(state.operating_point, layers))
+    try:
+        for layer, slot in chain.steps:  # every layer but the last
+            x = values[slot] = layer.forward(x)
+        out = values[chain.slots[-1]] = layers[-1].forward(x, *extras)
+    except BaseException as e:
+        k = sum(1 for layer, op in zip(layers, before, strict=True) if layer._op is not op)
+        for layer, op in zip(layers, before, strict=True):  # the layers that ran, as they were
+            layer._op = op
+        if isinstance(e, ValueError | TypeError):  # layer k failed: name it and its inputs
+            _reraise(graph, chain.nodes[k], [x, *extras] if k == len(layers) - 1 else [x], e)
+        raise
+    floats = []  # which inputs want a gradient: float data that requires one
+    for requires_grad, slot in chain.inputs:
+        floats.append(requires_grad and values[slot].dtype.kind == "f")
+    wanted = tuple(floats)
+    graph._values, graph._meta, graph._wanted = values, [], wanted
+    graph._needs = graph._needs_by_inputs.get(wanted) or state.needs_for(graph, wanted)
+    graph._state, graph._forward_id = "cached", next(_forward_ids)
+    graph._tokens = list(map(state.operating_point, graph._layers))  # no nested graph
+    return out
+
+
+def _done(
+    graph: Graph, values: list[Any], meta: list[Any], wanted: tuple[bool, ...], cache: bool
+) -> tuple[Any, ...]:
+    """Keep what a forward leaves behind (see ``state``); return the outputs' values."""
     graph._values, graph._meta, graph._wanted = values, meta, wanted
     graph._needs = state.needs_for(graph, wanted)
     graph._state = "cached" if cache else "uncached"
@@ -201,17 +261,19 @@ def _reraise(graph: Graph, i: int, args: list[Any], e: Exception) -> NoReturn:
 # -- seeds -------------------------------------------------------------------------------
 
 
-def seeds(graph: Graph, seed: Any, where: str) -> list[np.ndarray | None]:
+def seeds(graph: Graph, seed: Any, where: str | None) -> list[np.ndarray | None]:
     """The seeds ``dJ/d(output)`` as ``backward`` takes them, one per output, checked.
 
-    ``None`` for an output that sends no gradient (left out of a dict).
+    ``None`` for an output that sends no gradient (left out of a dict). ``where``
+    leads the errors (``"<kind>.backward"`` when None).
     """
     names = graph._output_names
     n = len(names)
     if seed is None and n == 1:
-        cost = graph._value(graph._outputs[0])
-        if cost.shape == ():
+        cost = graph._values[graph._output_slots[0]]
+        if cost is not None and cost.shape == ():
             return [_ONE[cost.dtype]]  # the common case: dJ/dJ = 1
+    where = where or f"{graph._kind()}.backward"
     if n == 1 and isinstance(seed, tuple) and len(seed) == 1:
         seed = seed[0]
     if seed is None:
@@ -273,67 +335,88 @@ def backward(
 ) -> Gradients:
     """The reverse pass from the outputs' seeds; see ``Graph.backward``."""
     wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
+    plan = state.backward_plan(graph, wanted)
+    fast = mode == "fast" and not per_example
+    if fast and plan.chain is not None:
+        return _backward_chain(graph, plan, seed_list[0])
     g: list[Any] = [None] * len(graph._slots)  # dJ/d(value), by slot
     for src, s in zip(graph._outputs, seed_list, strict=True):
         g[graph._slots[src]] = s
     uses: list[tuple[Parameter, str, np.ndarray]] = []
     grads_in: dict[str, np.ndarray] = {}
     step = _per_example_step if per_example else _STEPS[mode]
-    for i, node, layer, ins, outs, need_in, want in state.backward_plan(graph, wanted):
-        if layer is None:  # an input: its gradient is complete (chapter 14.9)
+    for i, node, layer, ins, outs, need_in, want, kind in plan:
+        if kind == state.SIMPLE:  # most nodes: one gradient in, one out
+            g_out = g[outs[0]]
+            if g_out is None:
+                continue
+            if fast:
+                g_in, layer_grads = layer.backward(g_out, input_grad=want)
+            else:
+                g_in, layer_grads = step(layer, g_out, want)
+            if type(g_in) is tuple:  # a variadic layer's, or the explicit step's, tuple of one
+                g_in = g_in[0]
+            if layer_grads:
+                params = layer.params
+                for pname, grad in layer_grads.items():
+                    uses.append((params[pname], node.name, grad))
+            if want and g_in is not None:
+                g[ins[0]] = g_in
+            continue
+        if kind == state.INPUT:  # an input: its gradient is complete (chapter 14.9)
             gi = g[outs[0]]
             if gi is None:
                 gi = np.zeros(graph._shape((i, 0)), graph._dtype((i, 0)))
             grads_in[node.name] = gi
             continue
-        if node.multi:
-            g_out: Any = tuple(g[k] for k in outs)
-            if all(gk is None for gk in g_out):
-                continue
-        else:
-            g_out = g[outs[0]]
-            if g_out is None:
-                continue
-        if isinstance(layer, Layer):
-            g_in, layer_grads = step(layer, g_out, want)
+        g_outs = [g[k] for k in outs]
+        if all(gk is None for gk in g_outs):
+            continue
+        if kind == state.LAYER:
+            g_in, layer_grads = step(layer, tuple(g_outs) if node.multi else g_outs[0], want)
             for pname, grad in layer_grads.items():
                 uses.append((layer.params[pname], node.name, grad))
         else:
-            g_outs = list(g_out) if node.multi else [g_out]
             g_in = _nested_backward(layer, node.name, g_outs, mode, per_example, uses)
         if type(g_in) is not tuple:  # one input, one gradient
-            if want and g_in is not None:
-                g[ins[0]] = g_in
-            continue
+            g_in = (g_in,)
         for k, gi, ni in zip(ins, g_in, need_in, strict=True):
             if ni and gi is not None:
                 g[k] = gi
-    params, per_use = _totals(graph, uses, per_example)
     ordered = {n: grads_in[n] for n in graph._input_list if n in grads_in}
-    return Gradients(ordered, params, per_use)
+    return Gradients(ordered, _totals(graph, uses, per_example), uses)
+
+
+def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
+    """The fast backward of a chain (``plan.chain``): Algorithm 14.1's loop as the
+    chapter writes it, one gradient ``g`` handed from each layer to the one below."""
+    uses: list[tuple[Parameter, str, np.ndarray]] = []
+    g = seed
+    for layer, name, want in plan.chain:  # type: ignore[union-attr]
+        g_in, layer_grads = layer.backward(g, input_grad=want)
+        if layer_grads:
+            params = layer.params
+            for pname, grad in layer_grads.items():
+                uses.append((params[pname], name, grad))
+        g = g_in[0] if type(g_in) is tuple else g_in
+    inputs = {plan.chain_input: g} if plan.chain_input is not None else {}
+    return Gradients(inputs, _totals(graph, uses, False), uses)
 
 
 def _totals(
     graph: Graph, uses: list[tuple[Parameter, str, np.ndarray]], per_example: bool
-) -> tuple[dict[Parameter, np.ndarray], dict[Parameter, list[tuple[str, np.ndarray]]]]:
-    """Each Parameter's gradient, the sum of its uses (eq. 14.47; zeros if none), and
-    the terms of that sum."""
-    per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {}
-    total: dict[Parameter, np.ndarray] = {}
-    for p, name, grad in uses:
-        if p in total:
-            total[p] = total[p] + grad
-            per_use[p].append((name, grad))
-        else:
-            total[p], per_use[p] = grad, [(name, grad)]
-    params: dict[Parameter, np.ndarray] = {}
-    for p in graph._parameters:
-        if p not in total:
-            per_use[p] = []
-            shape = (graph.batch_size, *p.shape) if per_example else p.shape
-            total[p] = np.zeros(shape, p.dtype)
-        params[p] = total[p]
-    return params, {p: per_use[p] for p in params}
+) -> dict[Parameter, np.ndarray]:
+    """Each Parameter's gradient: the sum of its uses (eq. 14.47), zeros if none."""
+    total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
+    for p, _, grad in uses:
+        t = total[p]
+        total[p] = grad if t is None else t + grad
+    if len(uses) < len(total):  # some Parameter may have had no use
+        for p, t in total.items():
+            if t is None:
+                shape = (graph.batch_size, *p.shape) if per_example else p.shape
+                total[p] = np.zeros(shape, p.dtype)
+    return total
 
 
 def _nested_backward(
@@ -351,9 +434,8 @@ def _nested_backward(
         for s, src in zip(g_out, inner._outputs, strict=True)
     ]
     sub = backward(inner, seed_list, mode, per_example, True)
-    for p, terms in sub.per_use.items():
-        for use, grad in terms:
-            uses.append((p, f"{name}/{use}", grad))
+    for p, use, grad in sub._uses:
+        uses.append((p, f"{name}/{use}", grad))
     return tuple(sub.inputs.get(n) for n in inner.input_names())
 
 

@@ -76,6 +76,8 @@ class Sequential(Graph):
                 f"Sequential.forward: the last layer {last!r} takes {need} after x; "
                 f"got {len(targets)} extra argument(s)"
             )
+        if cache and self._chain is not None:  # the plain loop (always, but for a nested graph)
+            return run.forward_chain(self, x, targets)
         # The names are the chain's own, in order: nothing for Graph.forward to check.
         out = run.forward(self, dict(zip(names, (x, *targets), strict=True)), cache)
         return out if len(out) > 1 else out[0]
@@ -96,13 +98,13 @@ class Sequential(Graph):
         (see ``Graph.backward``).
         """
         if g_L is None and self._state == "cached":
-            shape = self._shape(self._outputs[0])
+            shape = self._values[self._output_slots[0]].shape
             if shape != ():
                 raise TypeError(
                     f"Sequential.backward needs g_L = dJ/dx_L, shape {shape}: the last layer "
                     f"{self.layers[-1]!r} is not a loss"
                 )
-        return super().backward(g_L, mode=mode, per_example=per_example, input_grad=input_grad)
+        return Graph.backward(self, g_L, mode=mode, per_example=per_example, input_grad=input_grad)
 
     def jacobians(self, output: str | None = None, *, order: str = "auto") -> Jacobians:
         """``∂x_L/∂x_0`` and ``{θ: ∂x_L/∂θ}`` chained from the layers' Jacobians (eq. 14.2).

@@ -10,22 +10,45 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from backprop.layer import Layer
+
 if TYPE_CHECKING:
+    from backprop.graph.build import _Node
     from backprop.graph.graph import Graph
+
+#: What kind of step a node is, fixed when the graph is built, so that the
+#: forward and backward loops branch once per node on a small int: an input; a
+#: layer with one input and one output (most nodes); any other layer; a nested graph.
+INPUT, SIMPLE, LAYER, GRAPH = range(4)
+
+
+def step_kind(node: _Node) -> int:
+    """The kind of ``node``'s step (``INPUT``, ``SIMPLE``, ``LAYER`` or ``GRAPH``)."""
+    if node.layer is None:
+        return INPUT
+    if not isinstance(node.layer, Layer):
+        return GRAPH
+    return SIMPLE if len(node.inputs) == 1 and not node.multi else LAYER
+
+
+#: ``layer._op``, as a C-level getter: the hot paths map it over the layers.
+operating_point = attrgetter("_op")
 
 
 def tokens(graph: Graph) -> list[Any]:
     """What the last forward left in each layer (its operating point) and nested graph."""
-    return [layer._op for layer in graph._layers] + [g._forward_id for g in graph._nested]
+    ops = list(map(operating_point, graph._layers))
+    return ops + [g._forward_id for g in graph._nested] if graph._nested else ops
 
 
 def snapshot(graph: Graph) -> tuple[Any, ...]:
     """Everything a forward changes, in ``graph`` and every layer and graph inside it."""
     own: tuple[Any, ...] = (graph._state, graph._values, graph._meta, graph._needs)
     own += (graph._wanted, graph._tokens, graph._forward_id)
-    ops = [layer._op for layer in graph._layers]
+    ops = list(map(operating_point, graph._layers))
     return own, ops, [(inner, snapshot(inner)) for inner in graph._nested]
 
 
@@ -56,17 +79,89 @@ def needs_for(graph: Graph, wanted: tuple[bool, ...]) -> list[bool]:
     return needs
 
 
-def backward_plan(graph: Graph, wanted: tuple[bool, ...]) -> list[tuple[Any, ...]]:
+class Chain:
+    """A model that is one chain of layers (a Sequential): each layer's first input is
+    the output of the layer before it, the first layer's is the model's first input,
+    and the last layer may also read further model inputs (a loss's targets). Its
+    forward is then Algorithm 14.1's plain loop; see ``find_chain``.
+    """
+
+    __slots__ = ("layers", "nodes", "slots", "steps", "foot", "extras", "inputs")
+
+    def __init__(self, graph: Graph, steps: list[tuple[Any, ...]], inputs: list[Any]) -> None:
+        self.layers = [layer for _, _, layer, _, _, _ in steps]
+        self.nodes = [i for i, _, _, _, _, _ in steps]  # node indices, in order
+        self.slots = [outs[0] for _, _, _, _, outs, _ in steps]  # each layer's output
+        self.steps = list(zip(self.layers[:-1], self.slots[:-1], strict=True))  # (layer, slot)
+        by_slot = {outs[0]: (node.name, outs[0]) for _, node, _, _, outs, _ in inputs}
+        self.foot = by_slot[steps[0][3][0]]  # the first layer's input: (name, slot)
+        self.extras = [by_slot[k] for k in steps[-1][3][1:]]  # the last layer's others
+        #: (requires_grad, slot) for every input, in the model's input order.
+        self.inputs = [(graph._nodes[i].requires_grad, graph._slots[(i, 0)]) for i in graph._inputs]
+
+
+def find_chain(graph: Graph) -> Chain | None:
+    """The graph as a ``Chain``, or None when it is not one."""
+    steps = [step for step in graph._steps if step[5] != INPUT]
+    inputs = [step for step in graph._steps if step[5] == INPUT]
+    input_slots = {outs[0] for _, _, _, _, outs, _ in inputs}
+    if not steps or len(graph._outputs) != 1:
+        return None
+    if graph._slots[graph._outputs[0]] != steps[-1][4][0]:
+        return None
+    previous = None
+    for k, (_, node, _, ins, _, kind) in enumerate(steps):
+        if kind == GRAPH or node.multi or (kind == LAYER and k < len(steps) - 1):
+            return None
+        if k and ins[0] != previous or not k and ins[0] not in input_slots:
+            return None
+        if any(j not in input_slots for j in ins[1:]):
+            return None
+        previous = steps[k][4][0]
+    return Chain(graph, steps, inputs)
+
+
+class Plan(list[tuple[Any, ...]]):
+    """The backward steps (see ``backward_plan``); ``chain`` is set when they form one
+    chain, which ``run.backward`` then walks with a single gradient in hand."""
+
+    chain: list[tuple[Any, str, bool]] | None = None
+    chain_input: str | None = None
+
+
+def backward_plan(graph: Graph, wanted: tuple[bool, ...]) -> Plan:
     """The steps backward takes, in reverse order, when input ``k`` wants a gradient
     iff ``wanted[k]``: ``(index, node, layer, input slots, output slots, which inputs
-    need a gradient, whether any does)`` for every node that needs one."""
+    need a gradient, whether any does, step kind)`` for every node that needs one."""
     plan = graph._plans.get(wanted)
     if plan is None:
         needs = needs_for(graph, wanted)
-        plan = []
-        for i, node, ins, outs in reversed(graph._steps):
+        plan = Plan()
+        for i, node, layer, ins, outs, kind in reversed(graph._steps):
             if needs[i]:
                 need_in = tuple(needs[j] for j, _ in node.inputs)
-                plan.append((i, node, node.layer, ins, outs, need_in, any(need_in)))
+                plan.append((i, node, layer, ins, outs, need_in, any(need_in), kind))
+        _find_chain(graph, plan)
         graph._plans[wanted] = plan
     return plan
+
+
+def _find_chain(graph: Graph, plan: Plan) -> None:
+    """Set ``plan.chain`` to ``[(layer, node name, input gradient wanted), ...]`` when
+    the plan is one chain from the single output down (a Sequential): each layer's
+    first input is the output of the next one in the plan, and no other input wants
+    a gradient. ``plan.chain_input`` names the input at its foot that wants one."""
+    steps = [entry for entry in plan if entry[7] != INPUT]
+    feet = [(entry[1].name, entry[4][0]) for entry in plan if entry[7] == INPUT]
+    if len(graph._outputs) != 1 or not steps or len(feet) > 1:
+        return
+    slot = graph._slots[graph._outputs[0]]
+    chain = []
+    for _, node, layer, ins, outs, need_in, want, kind in steps:
+        if kind == GRAPH or node.multi or outs != (slot,) or any(need_in[1:]):
+            return
+        chain.append((layer, node.name, want))
+        slot = ins[0]
+    if feet and feet[0][1] != slot:
+        return
+    plan.chain, plan.chain_input = chain, feet[0][0] if feet else None
