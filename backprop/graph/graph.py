@@ -317,8 +317,9 @@ class Graph:
                 raise ValueError(f"{where}: mode must be one of {run.MODES}, got {mode!r}")
             if per_example:
                 raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
-        self._require_outputs("backward")
-        self._require_cached()
+        if self._state != "cached" or state.tokens(self) != self._tokens:
+            self._require_outputs("backward")
+            self._require_cached()  # raises, saying what is missing
         seeds = run.seeds(self, seed, None)
         return run.backward(self, seeds, mode, per_example, input_grad)
 

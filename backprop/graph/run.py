@@ -161,7 +161,7 @@ def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
     chain: state.Chain = graph._chain  # type: ignore[assignment]
     values: list[Any] = [None] * len(graph._slots)
     x = values[chain.foot[1]] = np.asarray(x)
-    extras = [np.asarray(t) for t in extras] if extras else []
+    extras = list(map(np.asarray, extras))
     for (_, slot), t in zip(chain.extras, extras, strict=True):
         values[slot] = t
     layers = chain.layers
@@ -335,7 +335,7 @@ def backward(
 ) -> Gradients:
     """The reverse pass from the outputs' seeds; see ``Graph.backward``."""
     wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
-    plan = state.backward_plan(graph, wanted)
+    plan = graph._plans.get(wanted) or state.backward_plan(graph, wanted)
     fast = mode == "fast" and not per_example
     if fast and plan.chain is not None:
         return _backward_chain(graph, plan, seed_list[0])
@@ -391,16 +391,22 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
     """The fast backward of a chain (``plan.chain``): Algorithm 14.1's loop as the
     chapter writes it, one gradient ``g`` handed from each layer to the one below."""
     uses: list[tuple[Parameter, str, np.ndarray]] = []
+    total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
     g = seed
     for layer, name, want in plan.chain:  # type: ignore[union-attr]
         g_in, layer_grads = layer.backward(g, input_grad=want)
         if layer_grads:
             params = layer.params
             for pname, grad in layer_grads.items():
-                uses.append((params[pname], name, grad))
+                p = params[pname]
+                uses.append((p, name, grad))
+                t = total[p]
+                total[p] = grad if t is None else t + grad  # a tied Parameter's uses add
         g = g_in[0] if type(g_in) is tuple else g_in
+    if len(uses) < len(total):  # some Parameter may have had no use: zeros
+        total = _totals(graph, uses, False)
     inputs = {plan.chain_input: g} if plan.chain_input is not None else {}
-    return Gradients(inputs, _totals(graph, uses, False), uses)
+    return Gradients(inputs, total, uses)
 
 
 def _totals(
