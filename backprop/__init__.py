@@ -1,6 +1,6 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import jacobian, plot
+from backprop import datasets, jacobian, plot
 from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
 from backprop.checkpoint import load, save
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backward_graph",
+    "datasets",
     "input_gradient",
     "optimize_input",
     "Adam",
