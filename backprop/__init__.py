@@ -39,6 +39,7 @@ from backprop.layers import (
     Upsample,
 )
 from backprop.optim import SGD, Adam, Optimizer
+from backprop.torch_bridge import from_torch, to_torch
 from backprop.train import History, accuracy, fit, predict
 
 __version__ = "0.1.0"
@@ -53,6 +54,8 @@ __all__ = [
     "Optimizer",
     "accuracy",
     "fit",
+    "from_torch",
+    "to_torch",
     "load",
     "plot",
     "predict",
