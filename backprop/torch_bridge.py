@@ -354,27 +354,27 @@ def from_torch(module: Any) -> Sequential:
     for where, m in _leaves(module, torch):
         c.where = f"from_torch: module {where} ({type(m).__name__})"
         row = next((r for r in ROWS if type(m) is getattr(torch.nn, r.torch_name, None)), None)
-        if row is None:
-            raise Unsupported(
-                f"{c.where} is not supported: {m!r}; the bridge converts {_supported()} "
-                f"(and Sequentials of them)"
-            )
-        layer = _convert(row.to_ours, m, c)
-        layer.train(m.training)
-        layers.append(layer)
+        why = f"is not supported: {m!r}; the bridge converts {_supported()} (and Sequentials)"
+        layers.append(_cross(row, m, c, why))
     if not layers:
         raise ValueError("from_torch: the module holds no layer")
     return Sequential(layers).train(module.training)  # type: ignore[return-value]
 
 
-def _convert(how: Callable[[Any, _Converter], Any], item: Any, c: _Converter) -> Any:
-    """``how(item, c)``, its ValueError or TypeError led by the place of ``item``."""
+def _cross(row: Row | None, item: Any, c: _Converter, why: str) -> Any:
+    """``item`` (a module or a layer) converted by ``row``, in the same mode; without a
+    row, ``Unsupported`` saying ``why``. Errors are led by the place of ``item``."""
+    if row is None:
+        raise Unsupported(f"{c.where} {why}")
+    how = row.to_ours if isinstance(item, c.nn.Module) else row.to_torch
     try:
-        return how(item, c)
+        converted = how(item, c)
     except Unsupported:
         raise
     except (ValueError, TypeError) as e:
         raise type(e)(f"{c.where}: {e}") from e
+    converted.train(item.training)
+    return converted
 
 
 def _leaves(module: Any, torch: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -407,12 +407,7 @@ def to_torch(model: Any) -> Any:
     for i, layer in enumerate(model.layers):
         c.where = f"to_torch: layer {i} ({layer!r})"
         row = next((r for r in ROWS if type(layer) is r.ours), None)
-        if row is None:
-            raise Unsupported(
-                f"{c.where} has no torch.nn counterpart in the bridge; it converts "
-                f"{', '.join(r.ours.__name__ for r in ROWS)}"
-            )
-        m = _convert(row.to_torch, layer, c)
-        m.train(layer.training)
-        modules.append(m)
+        converts = ", ".join(r.ours.__name__ for r in ROWS)
+        why = f"has no torch.nn counterpart in the bridge; it converts {converts}"
+        modules.append(_cross(row, layer, c, why))
     return torch.nn.Sequential(*modules).train(model.training)
