@@ -35,7 +35,7 @@ from backprop.graph import Graph
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import SoftmaxCrossEntropy
 from backprop.optim import Adam, Optimizer
-from backprop.train_checks import check_data, dry_run, warn_if_over_budget
+from backprop.train_checks import as_array, check_data, dry_run, warn_if_over_budget
 
 __all__ = ["History", "accuracy", "fit", "predict"]
 
@@ -505,7 +505,7 @@ def _predict(model: Any, X: Any, batch_size: int, where: str) -> np.ndarray:
 def _chunks(model: Any, X: Any, batch_size: int, where: str) -> Iterator[np.ndarray]:
     """The model's output for ``X``, chunk by chunk of ``batch_size`` examples."""
     batch_size = _positive_int("batch_size", batch_size, where)
-    X = np.asarray(X)
+    X = as_array(where, "X", X)
     if X.ndim == 0 or X.shape[0] == 0:
         raise ValueError(f"{where}: X must be a non-empty batch (N, ...), got shape {X.shape}")
     net = _Net(model, None, where)
@@ -519,7 +519,7 @@ def accuracy(model: Any, X: Any, y: Any, *, batch_size: int = 1024) -> float:
     The model runs on chunks of ``batch_size`` examples; only the count of correct
     predictions is kept from each, so no output for the whole of ``X`` is ever held.
     """
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = as_array("accuracy", "X", X), as_array("accuracy", "y", y)
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise ValueError(
             f"accuracy: y must be integer labels of shape ({X.shape[0] if X.ndim else '?'},), "

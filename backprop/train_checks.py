@@ -31,7 +31,7 @@ from backprop.graph import Graph, state
 from backprop.graph.build import leaf_layers
 from backprop.layer import check_float
 
-__all__ = ["ACTIVATION_BUDGET", "check_data", "dry_run", "warn_if_over_budget"]
+__all__ = ["ACTIVATION_BUDGET", "as_array", "check_data", "dry_run", "warn_if_over_budget"]
 
 #: Bytes of activations (every value a forward computes) one minibatch of ``fit`` may
 #: hold before ``fit`` warns, with the figure, that the batch is too large for comfort.
@@ -47,7 +47,7 @@ def check_data(
     model's (that of its parameters), or None for a model without parameters.
     """
     nx, ny = names
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = as_array("fit", nx, X), as_array("fit", ny, y)
     if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
         raise ValueError(
             f"fit: {nx} has shape {X.shape} and {ny} has shape {y.shape}; they need the "
@@ -68,6 +68,14 @@ def check_data(
                 f"entries in {name}); nothing was trained"
             )
     return X, y
+
+
+def as_array(where: str, name: str, a: Any) -> np.ndarray:
+    """``a`` as an array, or a ``ValueError`` naming it (a ragged list, say)."""
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {name} is not a rectangular array: {e}") from None
 
 
 def check_labels(name: str, y: np.ndarray, y_hat: np.ndarray) -> None:

@@ -79,6 +79,8 @@ BAD = [
     (X0, Y0, (X0[:5], Y0[:4]), ValueError, ["validation X has shape"]),
     (X0, Y0, (X0[:, :1], Y0), ValueError, [r"validation X \(shape \(40, 1\)\) does not fit"]),
     (X0, Y0, X0, TypeError, ["validation must be a pair"]),
+    ([[1.0, 2.0, 3.0], [1.0]], Y0[:2], None, ValueError, ["X is not a rectangular array"]),
+    (X0, Y0, (X0[:2], [[1], [2, 3]]), ValueError, ["validation y is not a rectangular"]),
 ]
 
 
@@ -409,6 +411,23 @@ def test_datasets_is_reachable_after_import_backprop() -> None:
     assert bp.datasets.load_digits is not None
     X, y = bp.datasets.make_spirals(10, 2, rng=0)
     assert X.shape == (20, 2)
+
+
+def test_a_ragged_input_is_named() -> None:
+    net = mlp()
+    with pytest.raises(ValueError, match="Sequential.forward: input 'x' is not an array"):
+        net.forward([[1.0, 2.0, 3.0], [1.0]])
+    with pytest.raises(ValueError, match="predict: X is not a rectangular array"):
+        bp.predict(net, [[1.0, 2.0, 3.0], [1.0]])
+
+
+def test_gradcheck_takes_rng_and_its_old_name_seed() -> None:
+    net = bp.Sequential([bp.Linear(2, 2, rng=np.random.default_rng(0)), bp.Tanh()])
+    x = np.random.default_rng(1).standard_normal((2, 2))
+    assert bp.gradcheck(net, x, rng=3).worst == bp.gradcheck(net, x, seed=3).worst
+    bp.gradcheck(net, x, rng=np.random.default_rng(3))
+    with pytest.raises(TypeError, match="not both"):
+        bp.gradcheck(net, x, rng=1, seed=1)
 
 
 def test_sequential_errors_give_the_layer_position_and_graph_asks_for_names() -> None:

@@ -108,7 +108,7 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
         for i, node, ins, outs in graph._steps:
             layer = node.layer
             if layer is None:  # an input
-                x = values[outs[0]] = np.asarray(given[node.name])
+                x = values[outs[0]] = _as_array(graph, node.name, given[node.name])
                 float_input[i] = x.dtype.kind == "f"
                 continue
             args = [values[k] for k in ins]
@@ -140,6 +140,16 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
     return tuple([values[k] for k in graph._output_slots])
 
 
+def _as_array(graph: Graph, name: str, x: Any) -> np.ndarray:
+    """Input ``name`` as an array, or an error that names it (a ragged list, say)."""
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{graph._kind()}.forward: input {name!r} is not an array: {e}") from None
+
+
 def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
     """The value named ``value``, from only the nodes it depends on, caching nothing.
 
@@ -164,7 +174,7 @@ def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
         if node.kind == "input":
             if node.name not in given:
                 raise TypeError(f"{graph._kind()}.evaluate: {value!r} needs input {node.name!r}")
-            values[(i, 0)] = np.asarray(given[node.name])
+            values[(i, 0)] = _as_array(graph, node.name, given[node.name])
             continue
         out = _run(graph, i, [values[src] for src in node.inputs], False)
         for k, o in enumerate(out if node.multi else (out,)):
