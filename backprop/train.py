@@ -329,26 +329,11 @@ def fit(
     generator = _generator(rng, seed)
     plan = _prepare(model, (X, y), loss, batch_size, optimizer, validation)
     out = sys.stdout if file is None else file
-    bar = _progress_bar_factory(out) if progress is True else None
     history = History()
     plan.start = time.perf_counter()
     with _Interrupt() as stop:
         try:
-            for epoch in range(1, epochs + 1):
-                label = f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
-                pbar = _open_bar(bar, plan, label, out)
-                try:
-                    order = generator.permutation(plan.X.shape[0])
-                    done = _epoch(plan, order, pbar, stop, epoch)
-                    if done is None:
-                        break
-                    _record(history, plan, done, pbar, validation_label)
-                finally:
-                    if pbar is not None:
-                        pbar.close()
-                if progress and pbar is None:
-                    summary = _summary(history, -1, validation_label)
-                    print(f"{label}  {summary}  ({history.seconds[-1]:.1f} s)", file=out)
+            _epochs(plan, history, epochs, generator, stop, progress, out, validation_label)
         except KeyboardInterrupt:
             stop.requested = True
     if stop.requested:
@@ -360,6 +345,35 @@ def fit(
                 file=out,
             )
     return history
+
+
+def _epochs(
+    plan: _Plan,
+    history: History,
+    epochs: int,
+    generator: np.random.Generator,
+    stop: _Interrupt,
+    progress: bool | str,
+    out: TextIO,
+    val_label: str,
+) -> None:
+    """The epochs of ``fit``, each recorded in ``history`` and reported as asked."""
+    bar = _progress_bar_factory(out) if progress is True else None
+    for epoch in range(1, epochs + 1):
+        label = f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
+        pbar = _open_bar(bar, plan, label, out)
+        try:
+            order = generator.permutation(plan.X.shape[0])
+            done = _epoch(plan, order, pbar, stop, epoch)
+            if done is None:
+                return
+            _record(history, plan, done, pbar, val_label)
+        finally:
+            if pbar is not None:
+                pbar.close()
+        if progress and pbar is None:
+            summary = _summary(history, -1, val_label)
+            print(f"{label}  {summary}  ({history.seconds[-1]:.1f} s)", file=out)
 
 
 def _open_bar(bar: Any, plan: _Plan, label: str, out: TextIO) -> Any:
