@@ -55,7 +55,10 @@ def check_data(
         )
     if X.shape[0] == 0:
         raise ValueError(f"fit: {nx} and {ny} are empty (shape {X.shape}): there is nothing to fit")
-    X = check_float("fit", nx, X, dtype)
+    if X.dtype.kind in "iu":
+        pass  # integer ids (an embedding's input), or a mistake: the dry run's layer says
+    else:
+        X = check_float("fit", nx, X, dtype)
     if y.dtype.kind not in "iuf":
         raise TypeError(
             f"fit: {ny} has dtype {y.dtype}; it holds integer class labels or float targets"

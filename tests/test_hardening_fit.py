@@ -69,7 +69,7 @@ BAD = [
         TypeError,
         ["X is float32 but the layer works in float64"],
     ),
-    (X0.astype(np.int64), Y0, None, TypeError, ["X has integer dtype int64"]),
+    (X0.astype(np.int64), Y0, None, TypeError, ["X .* does not fit the model", "integer dtype"]),
     (X0, Y0.astype(str), None, TypeError, ["y has dtype <U"]),
     (X0[:, :2], Y0, None, ValueError, [r"X \(shape \(40, 2\)\) does not fit the model", "Linear"]),
     (X0[:0], Y0[:0], None, ValueError, ["empty"]),
