@@ -579,7 +579,8 @@ class Loss(Layer):
         """The cost ``J`` of a batch. An empty batch (a mean over no examples) and a
         ``J`` that is not finite are a ``ValueError`` that changes nothing and names
         the input holding NaN or inf (or says that the cost itself overflowed)."""
-        if x_in and np.shape(x_in[0])[:1] == (0,):
+        first: Any = x_in[0] if x_in else None
+        if (first.shape if type(first) is np.ndarray else np.shape(first))[:1] == (0,):
             raise ValueError(loss_not_finite(self, x_in, None))
         previous = self._op
         J = super().forward(*x_in, cache=cache)
