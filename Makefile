@@ -4,7 +4,8 @@
 #   make test        ruff check, ruff format --check, mypy, then pytest (+ notebooks)
 #   make lint        ruff check, ruff format --check, mypy
 #   make format      ruff format, then ruff check --fix
-#   make demo        python -m backprop demo $(ARGS)
+#   make demo        python -m backprop demo $(ARGS); installs only the package and its
+#                    plot and progress extras (no linters, no Jupyter)
 #   make notebooks   re-execute every notebooks/*.ipynb in place (outputs saved)
 #   make bench       python benchmarks/run.py $(ARGS), BLAS pinned to one thread
 #   make clean       remove .venv and every cache
@@ -18,22 +19,27 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 ARGS   ?=
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: venv test lint format demo notebooks bench clean
+.PHONY: venv venv-demo test lint format demo notebooks bench clean
 
 # ------------------------------------------------------------------ environment
 
-# `venv` is what the other targets depend on. The stamp file is rebuilt (pip install
-# runs again) only when pyproject.toml is newer than it, so a repeated `make test` is
-# fast. A half-made .venv (no pip, e.g. after a failed `python3 -m venv`) is removed
-# and made again. The stamp is only written once backprop/__init__.py exists: an
-# editable install made before that maps no package and has to be redone.
+# `venv` (everything a developer needs: the dev extra) is what the other targets depend
+# on; `venv-demo` (the package with its plot and progress extras only) is what `make
+# demo` needs, a much smaller install. Each stamp file is rebuilt (pip install runs
+# again) only when pyproject.toml is newer than it, so a repeated `make test` is fast;
+# the dev install covers the demo's too. A half-made .venv (no pip, e.g. after a failed
+# `python3 -m venv`) is removed and made again. A stamp is only written once
+# backprop/__init__.py exists: an editable install made before that maps no package and
+# has to be redone.
 venv: $(STAMP)
+venv-demo: $(DEMO_STAMP)
 
-$(STAMP): pyproject.toml
+define make_venv
 	@if [ ! -x $(BIN)/pip ]; then \
 	  rm -rf $(VENV); \
 	  echo "creating $(VENV) with $$($(PYTHON) --version 2>&1 | head -n 1)"; \
@@ -45,10 +51,23 @@ $(STAMP): pyproject.toml
 	    exit 1; \
 	  fi; \
 	fi
-	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
-	@if [ -f backprop/__init__.py ]; then touch $(STAMP); else \
+endef
+
+define stamp
+	@if [ -f backprop/__init__.py ]; then touch $(1); else \
 	  echo "note: backprop/__init__.py does not exist yet, so the editable install cannot map"; \
 	  echo "the package; the install will be redone once it exists."; fi
+endef
+
+$(STAMP): pyproject.toml
+	$(make_venv)
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	$(call stamp,$(STAMP) $(DEMO_STAMP))
+
+$(DEMO_STAMP): pyproject.toml
+	$(make_venv)
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -e '.[plot,progress]'
+	$(call stamp,$(DEMO_STAMP))
 
 # ------------------------------------------------------------------ checks
 
@@ -83,7 +102,7 @@ format: venv
 # The demo's matrix products are small (a 64×64 minibatch times 64×256): a second
 # BLAS thread gains nothing on them, and on a busy 2-core machine it makes every
 # product wait for the other core. A thread count set by the caller is kept.
-demo: venv
+demo: venv-demo
 	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(BIN)/python -m backprop demo $(ARGS)
 
 # `jupyter execute` comes with nbclient; it runs each notebook headless and, with

@@ -1,6 +1,6 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import jacobian, plot
+from backprop import datasets, jacobian, plot
 from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
 from backprop.checkpoint import load, save
@@ -39,12 +39,14 @@ from backprop.layers import (
     Upsample,
 )
 from backprop.optim import SGD, Adam, Optimizer
+from backprop.torch_bridge import from_torch, to_torch
 from backprop.train import History, accuracy, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backward_graph",
+    "datasets",
     "input_gradient",
     "optimize_input",
     "Adam",
@@ -52,6 +54,8 @@ __all__ = [
     "Optimizer",
     "accuracy",
     "fit",
+    "from_torch",
+    "to_torch",
     "load",
     "plot",
     "predict",

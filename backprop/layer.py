@@ -30,12 +30,14 @@ default multiplies through the Jacobians) and ``_jacobians``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any, ClassVar, cast
 
 import numpy as np
 
+from backprop.finite import loss_not_finite
 from backprop.jacobian import Jacobian
 
 __all__ = ["FLOAT_DTYPES", "Layer", "Loss", "OperatingPoint", "Parameter", "check_float"]
@@ -578,6 +580,20 @@ class Loss(Layer):
     """
 
     inputs = ("y_hat", "y")
+
+    def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
+        """The cost ``J`` of a batch. An empty batch (a mean over no examples) and a
+        ``J`` that is not finite are a ``ValueError`` that changes nothing and names
+        the input holding NaN or inf (or says that the cost itself overflowed)."""
+        first: Any = x_in[0] if x_in else None
+        if (first.shape if type(first) is np.ndarray else np.shape(first))[:1] == (0,):
+            raise ValueError(loss_not_finite(self, x_in, None))
+        previous = self._op
+        J = super().forward(*x_in, cache=cache)
+        if not math.isfinite(J):
+            self._op = previous
+            raise ValueError(loss_not_finite(self, x_in, J))
+        return J
 
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:

@@ -31,22 +31,41 @@ from backprop.layer import Parameter
 __all__ = ["SGD", "Adam", "Optimizer"]
 
 
-def _collect(params: Any) -> list[Parameter]:
+def _collect(owner: str, params: Any) -> list[Parameter]:
     if hasattr(params, "parameters"):
         params = params.parameters()
-    out = list(dict.fromkeys(params))
+    if isinstance(params, Parameter):
+        params = [params]
+    try:
+        out = list(dict.fromkeys(params))
+    except TypeError:
+        raise TypeError(
+            f"{owner}: params must be Parameters (a list, or a model's parameters()), "
+            f"got {type(params).__name__}"
+        ) from None
     for p in out:
         if not isinstance(p, Parameter):
-            raise TypeError(f"optimizer: expected Parameters, got {type(p).__name__}")
+            raise TypeError(f"{owner}: expected Parameters, got {type(p).__name__}")
+    if not out:
+        raise ValueError(
+            f"{owner}: no parameters to update (an empty list); build it over "
+            f"model.parameters() of a model that has some"
+        )
     return out
 
 
 def _rate(owner: str, what: str, value: Any, low: float, high: float, *, open_low: bool) -> float:
-    """``value`` as a float in ``(low, high)`` or ``[low, high)``, else a ValueError."""
+    """``value`` as a float in ``(low, high)`` or ``[low, high)``, else a ValueError.
+
+    Only a real number is taken (a Python or numpy int or float): a string such as
+    ``"0.1"`` or a bool is a ``TypeError``, not converted.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}")
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: {what} must be a number, got {value!r}") from None
+    except (TypeError, ValueError):  # a complex number, say
+        raise TypeError(f"{owner}: {what} must be a real number, got {value!r}") from None
     ok = (x > low if open_low else x >= low) and x < high and math.isfinite(x)
     if not ok:
         interval = f"{'(' if open_low else '['}{low:g}, {high:g})"
@@ -67,7 +86,7 @@ class Optimizer:
         name = type(self).__name__
         self.lr = _rate(name, "lr", lr, 0.0, math.inf, open_low=True)
         self.weight_decay = _rate(name, "weight_decay", weight_decay, 0.0, math.inf, open_low=False)
-        self.params = _collect(params)
+        self.params = _collect(name, params)
         #: ``{Parameter: {name: array or number}}``: what each Parameter's updates remember.
         self.state: dict[Parameter, dict[str, Any]] = {p: {} for p in self.params}
 
@@ -98,13 +117,22 @@ class Optimizer:
             # The method on the flat view costs about half of np.vdot's call.
             flat = g.ravel()
             if not math.isfinite(flat.dot(flat)) and not np.all(np.isfinite(g)):
-                raise ValueError(
-                    f"{type(self).__name__}.step: gradient for {p!r} has "
-                    f"{int(np.sum(~np.isfinite(g)))} non-finite entries (NaN or inf); "
-                    f"no parameter was updated"
-                )
+                self._non_finite(p, g)
             items.append((p, g))
         return items
+
+    def _non_finite(self, p: Parameter, g: np.ndarray) -> None:
+        """The last defence against a NaN step: name the parameter and its first bad entry."""
+        bad = ~np.isfinite(g)
+        first = tuple(int(i) for i in np.argwhere(bad)[0]) if g.ndim else ()
+        where = f" (the first at index {first})" if first else ""
+        raise ValueError(
+            f"{type(self).__name__}.step: the gradient of parameter {p.name or '?'!r} "
+            f"{tuple(p.shape)} has {int(bad.sum())} non-finite entries (NaN or inf){where}; "
+            f"no parameter was updated. Something overflowed before the update: the data "
+            f"fed to the model, its output or the loss (fit checks the data first and says "
+            f"which); a smaller learning rate often helps"
+        )
 
     def _convert(self, p: Any, g: np.ndarray) -> np.ndarray:
         """``g`` in ``p``'s dtype after the checks, or the error that says what is wrong."""
@@ -155,7 +183,10 @@ class Optimizer:
         return {"weight_decay": self.weight_decay} if self.weight_decay else {}
 
     def __repr__(self) -> str:
-        options = "".join(f", {k}={v:g}" for k, v in self._options().items())
+        options = "".join(
+            f", {k}={v}" if isinstance(v, bool) else f", {k}={v:g}"
+            for k, v in self._options().items()
+        )
         return f"{type(self).__name__}(lr={self.lr:g}{options})"
 
 
@@ -166,6 +197,9 @@ class SGD(Optimizer):
     start) and the step is ``v ← μ v + g``, ``θ ← θ - η v``: a running sum of
     past gradients that damps the zig-zag across a narrow valley. ``g``
     includes the weight decay term ``λθ`` when ``weight_decay=λ > 0``.
+
+    ``nesterov=True`` (with ``μ > 0``) looks one step ahead along the velocity:
+    ``θ ← θ - η (g + μ v)`` with the new ``v``, as ``torch.optim.SGD(nesterov=True)``.
     """
 
     def __init__(
@@ -175,9 +209,15 @@ class SGD(Optimizer):
         *,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
         super().__init__(params, lr, weight_decay=weight_decay)
         self.momentum = _rate("SGD", "momentum", momentum, 0.0, 1.0, open_low=False)
+        if not isinstance(nesterov, bool | np.bool_):
+            raise TypeError(f"SGD: nesterov must be True or False, got {nesterov!r}")
+        if nesterov and not self.momentum:
+            raise ValueError("SGD: nesterov=True needs a momentum > 0 (it looks ahead along v)")
+        self.nesterov = bool(nesterov)
 
     def step(self, grads: Any) -> None:
         """Update every Parameter that has a gradient in ``grads``; all or nothing."""
@@ -203,15 +243,17 @@ class SGD(Optimizer):
             g = self._decayed(p, g)
         if self.momentum:
             # The first velocity is a copy: the caller's gradient array stays theirs.
-            g = self.momentum * state["v"] + g if "v" in state else np.array(g, copy=True)
-            state = {"v": g}
+            v = self.momentum * state["v"] + g if "v" in state else np.array(g, copy=True)
+            state = {"v": v}
+            g = g + self.momentum * v if self.nesterov else v
         new = g * -self.lr  # one new array, then θ added in place: θ - ηg, same rounding
         new += p._value
         return new, state
 
     def _options(self) -> dict[str, Any]:
         momentum = {"momentum": self.momentum} if self.momentum else {}
-        return momentum | super()._options()
+        nesterov = {"nesterov": True} if self.nesterov else {}
+        return momentum | nesterov | super()._options()
 
 
 class Adam(Optimizer):
@@ -240,7 +282,7 @@ class Adam(Optimizer):
         decoupled: bool = False,
     ) -> None:
         super().__init__(params, lr, weight_decay=weight_decay)
-        if len(betas) != 2:
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"Adam: betas must be a pair (β₁, β₂), got {betas!r}")
         self.beta1 = _rate("Adam", "betas[0]", betas[0], 0.0, 1.0, open_low=False)
         self.beta2 = _rate("Adam", "betas[1]", betas[1], 0.0, 1.0, open_low=False)

@@ -21,8 +21,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -32,8 +35,11 @@ from backprop.graph import Graph
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import SoftmaxCrossEntropy
 from backprop.optim import Adam, Optimizer
+from backprop.train_checks import as_array, check_data, dry_run, warn_if_over_budget
 
 __all__ = ["History", "accuracy", "fit", "predict"]
+
+_UNSET: Any = object()
 
 
 @dataclass
@@ -55,10 +61,12 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    #: True when Ctrl-C stopped ``fit``: the lists hold the epochs that were complete.
+    interrupted: bool = False
 
     def as_dict(self) -> dict[str, list[Any]]:
         """The records as ``{name: list}``, copies that the caller may change."""
-        return {k: list(v) for k, v in asdict(self).items()}
+        return {k: list(v) for k, v in asdict(self).items() if isinstance(v, list)}
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -202,16 +210,64 @@ def _positive_int(what: str, value: Any, where: str = "fit") -> int:
     return int(value)
 
 
-def _data(what: str, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    X, y = np.asarray(X), np.asarray(y)
-    if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"fit: {what} X has shape {X.shape} and y has shape {y.shape}; they need the "
-            f"same number of examples on axis 0"
-        )
-    if X.shape[0] == 0:
-        raise ValueError(f"fit: {what} set is empty")
-    return X, y
+def _generator(rng: Any, seed: Any) -> np.random.Generator:
+    """``rng`` (the name every other seeded function takes), or its old alias ``seed``."""
+    if seed is not _UNSET:
+        if rng is not _UNSET:
+            raise TypeError("fit: give rng= (or its old name seed=), not both")
+        rng = seed
+    if rng is _UNSET:
+        rng = 0
+    if isinstance(rng, bool) or not (
+        rng is None or isinstance(rng, int | np.integer | np.random.Generator)
+    ):
+        raise TypeError(f"fit: rng must be an int, a numpy Generator or None, got {rng!r}")
+    if isinstance(rng, int | np.integer) and rng < 0:
+        raise ValueError(f"fit: rng must be a seed >= 0, got {rng!r}")
+    return np.random.default_rng(rng)
+
+
+@dataclass
+class _Plan:
+    """Everything ``fit`` checked before its first step."""
+
+    net: _Net
+    optimizer: Optimizer
+    X: np.ndarray
+    y: np.ndarray
+    val: tuple[np.ndarray, np.ndarray] | None
+    batch_size: int
+    start: float = 0.0
+
+
+def _prepare(
+    model: Any,
+    data: tuple[Any, Any],
+    loss: Layer | None,
+    batch_size: int,
+    optimizer: Optimizer | None,
+    validation: tuple[Any, Any] | None,
+) -> _Plan:
+    """Check every argument and every array (``train_checks``), changing nothing."""
+    net = _Net(model, loss)
+    params = net.parameters()
+    if not params:
+        raise ValueError(f"fit: the model has no parameters to train ({model!r})")
+    dtype = params[0].dtype
+    X, y = check_data(("X", "y"), *data, dtype)
+    val = None
+    if validation is not None:
+        if not isinstance(validation, tuple | list) or len(validation) != 2:
+            raise TypeError(
+                f"fit: validation must be a pair (X_val, y_val), got {type(validation).__name__}"
+            )
+        val = check_data(("validation X", "validation y"), *validation, dtype)
+    optimizer = _optimizer_for(net, optimizer)
+    per_example = dry_run(net, ("X", "y"), X, y)
+    if val is not None:
+        dry_run(net, ("validation X", "validation y"), *val)
+    warn_if_over_budget(per_example, batch_size, X.shape[0])
+    return _Plan(net, optimizer, X, y, val, batch_size)
 
 
 # ------------------------------------------------------------------ the loop
@@ -228,9 +284,10 @@ def fit(
     optimizer: Optimizer | None = None,
     validation: tuple[Any, Any] | None = None,
     validation_label: str = "val",
-    seed: int | np.random.Generator | None = 0,
+    rng: int | np.random.Generator | None = _UNSET,
     progress: bool | str = True,
     file: TextIO | None = None,
+    seed: int | np.random.Generator | None = _UNSET,
 ) -> History:
     """Train ``model`` on ``(X, y)`` with shuffled minibatches; return the ``History``.
 
@@ -242,8 +299,9 @@ def fit(
       allowed when the model (a Sequential) already ends with one.
     - ``optimizer``: built over ``model.parameters()``; ``Adam(lr=1e-3)`` when
       omitted. It must cover every parameter of the model.
-    - ``seed``: seeds the order of the examples in every epoch (an int or a
-      ``numpy.random.Generator``), so equal seeds give equal runs.
+    - ``rng``: seeds the order of the examples in every epoch (an int, 0 by
+      default, or a ``numpy.random.Generator``, which then carries on from one
+      call to the next), so equal seeds give equal runs. ``seed`` is its old name.
     - ``validation``: ``(X_val, y_val)``, evaluated after every epoch;
       ``validation_label`` names it in the progress lines (``"test"`` when it is
       a held-out test set that is only watched).
@@ -252,51 +310,127 @@ def fit(
       ``"plain"`` always prints the lines; ``False`` prints nothing.
     - ``file``: where progress goes (``sys.stdout`` by default).
 
-    Every argument is checked before the first step. An error during training
-    (a NaN gradient, say) leaves the parameters as the last complete step left them.
+    Every argument and every array is checked before the first step
+    (``backprop.train_checks``: shapes, dtypes, finite values, label ranges, the
+    validation set too); an error names the argument and its first bad row, and
+    nothing changes. A minibatch whose activations would pass
+    ``train_checks.ACTIVATION_BUDGET`` bytes is warned about, with the figure.
+    An error during training (a cost or gradient that overflowed) says where and
+    what, and leaves the parameters as the last complete step left them.
+
+    Ctrl-C (``KeyboardInterrupt``) stops training after the step under way: the
+    ``History`` of the complete epochs is returned with ``interrupted=True``. A
+    second Ctrl-C before that step ends raises at once.
     """
     if progress not in (True, False, "plain"):
         raise ValueError(f"fit: progress must be True, False or 'plain', got {progress!r}")
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
-    X, y = _data("training", X, y)
-    val = _data("validation", *validation) if validation is not None else None
-    net = _Net(model, loss)
-    optimizer = _optimizer_for(net, optimizer)
-    rng = np.random.default_rng(seed)
+    generator = _generator(rng, seed)
+    plan = _prepare(model, (X, y), loss, batch_size, optimizer, validation)
     out = sys.stdout if file is None else file
-    bar = _progress_bar_factory(out) if progress is True else None
-    classify = _is_classification(y)
     history = History()
-    n = X.shape[0]
-    n_batches = -(-n // batch_size)
-    width = len(str(epochs))
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(n)
-        label = f"epoch {epoch:>{width}}/{epochs}"
-        pbar = (
-            bar(total=n_batches, desc=label, leave=True, file=out, mininterval=0.2) if bar else None
-        )
+    plan.start = time.perf_counter()
+    with _Interrupt() as stop:
         try:
-            total, correct = _epoch(net, optimizer, X, y, order, batch_size, pbar)
-            history.epoch.append(epoch)
-            history.train_loss.append(total / n)
-            history.train_accuracy.append(correct / n if classify else math.nan)
-            if val is not None:
-                val_loss, val_acc = net.evaluate(*val, batch_size=max(batch_size, 256))
-                history.val_loss.append(val_loss)
-                history.val_accuracy.append(val_acc)
-            history.seconds.append(time.perf_counter() - start)
-            if pbar is not None:
-                pbar.set_postfix_str(_summary(history, -1, validation_label))
+            _epochs(plan, history, epochs, generator, stop, progress, out, validation_label)
+        except KeyboardInterrupt:
+            stop.requested = True
+    if stop.requested:
+        history.interrupted = True
+        if progress:
+            print(
+                f"interrupted: the history of the {len(history)} complete epoch(s) is returned; "
+                f"the parameters are those of the last complete step",
+                file=out,
+            )
+    return history
+
+
+def _epochs(
+    plan: _Plan,
+    history: History,
+    epochs: int,
+    generator: np.random.Generator,
+    stop: _Interrupt,
+    progress: bool | str,
+    out: TextIO,
+    val_label: str,
+) -> None:
+    """The epochs of ``fit``, each recorded in ``history`` and reported as asked."""
+    bar = _progress_bar_factory(out) if progress is True else None
+    for epoch in range(1, epochs + 1):
+        label = f"epoch {epoch:>{len(str(epochs))}}/{epochs}"
+        pbar = _open_bar(bar, plan, label, out)
+        try:
+            order = generator.permutation(plan.X.shape[0])
+            done = _epoch(plan, order, pbar, stop, epoch)
+            if done is None:
+                return
+            _record(history, plan, done, pbar, val_label)
         finally:
             if pbar is not None:
                 pbar.close()
         if progress and pbar is None:
-            summary = _summary(history, -1, validation_label)
+            summary = _summary(history, -1, val_label)
             print(f"{label}  {summary}  ({history.seconds[-1]:.1f} s)", file=out)
-    return history
+
+
+def _open_bar(bar: Any, plan: _Plan, label: str, out: TextIO) -> Any:
+    if bar is None:
+        return None
+    n_batches = -(-plan.X.shape[0] // plan.batch_size)
+    return bar(total=n_batches, desc=label, leave=True, file=out, mininterval=0.2)
+
+
+def _record(
+    history: History, plan: _Plan, done: tuple[float, int], pbar: Any, val_label: str
+) -> None:
+    """Append one complete epoch to ``history``."""
+    total, correct = done
+    n = plan.X.shape[0]
+    history.epoch.append(len(history.epoch) + 1)
+    history.train_loss.append(total / n)
+    history.train_accuracy.append(correct / n if _is_classification(plan.y) else math.nan)
+    if plan.val is not None:
+        val_loss, val_acc = plan.net.evaluate(*plan.val, batch_size=max(plan.batch_size, 256))
+        history.val_loss.append(val_loss)
+        history.val_accuracy.append(val_acc)
+    history.seconds.append(time.perf_counter() - plan.start)
+    if pbar is not None:
+        pbar.set_postfix_str(_summary(history, -1, val_label))
+
+
+class _Interrupt:
+    """Ctrl-C during ``fit``: the step under way finishes, then training stops.
+
+    In the main thread SIGINT only sets ``requested``, which the loop reads
+    between steps; a second SIGINT raises ``KeyboardInterrupt`` at once. Elsewhere
+    (no signal handler can be set) a ``KeyboardInterrupt`` is caught by ``fit``.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
+            except (ValueError, OSError):  # not in the main interpreter, say
+                pass
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _optimizer_for(net: _Net, optimizer: Optimizer | None) -> Optimizer:
@@ -319,21 +453,21 @@ def _optimizer_for(net: _Net, optimizer: Optimizer | None) -> Optimizer:
 
 
 def _epoch(
-    net: _Net,
-    optimizer: Optimizer,
-    X: np.ndarray,
-    y: np.ndarray,
-    order: np.ndarray,
-    batch_size: int,
-    pbar: Any,
-) -> tuple[float, int]:
-    """One pass over the minibatches in ``order``: ``(Σ loss·size, correct predictions)``."""
+    plan: _Plan, order: np.ndarray, pbar: Any, stop: _Interrupt, epoch: int
+) -> tuple[float, int] | None:
+    """One pass over the minibatches in ``order``: ``(Σ loss·size, correct predictions)``,
+    or None when a Ctrl-C asked to stop (after the step it came in)."""
+    net, optimizer, X, y, batch_size = plan.net, plan.optimizer, plan.X, plan.y, plan.batch_size
     total, correct = 0.0, 0
     n_batches = -(-order.size // batch_size)
     for b in range(n_batches):
         idx = order[b * batch_size : (b + 1) * batch_size]
-        J, y_hat, grads = net.step(X[idx], y[idx])
-        optimizer.step(grads)
+        J = None
+        try:
+            J, y_hat, grads = net.step(X[idx], y[idx])
+            optimizer.step(grads)
+        except ValueError as e:
+            raise _step_error(e, J, epoch, b, n_batches) from e
         total += J * idx.size
         correct += _n_correct(y_hat, y[idx])
         if pbar is not None:
@@ -341,7 +475,30 @@ def _epoch(
             if b % 10 == 0 or b == n_batches - 1:
                 seen = b * batch_size + idx.size
                 pbar.set_postfix_str(f"loss {total / seen:.4f}", refresh=False)
+        if stop.requested:
+            return None
     return total, correct
+
+
+def _step_error(e: ValueError, J: float | None, epoch: int, b: int, n: int) -> ValueError:
+    """A failed step, told with its place and with what overflowed: the data were all
+    finite (checked before the first step), so it was the model's output or the loss
+    (``J`` None: the forward failed) or a gradient (``J`` finite: the backward did)."""
+    where = f"fit: epoch {epoch}, minibatch {b + 1} of {n}"
+    if J is None:
+        what = (
+            "the model's output or the loss overflowed (the data are finite: checked before "
+            "training)"
+        )
+    else:
+        what = (
+            f"the loss was finite (J = {J:.6g}) but a gradient overflowed in the backward pass; "
+            f"the data are finite (checked before training)"
+        )
+    return ValueError(
+        f"{where}: {what}: {e}. The parameters are as the last complete step left them; "
+        f"a smaller learning rate, or inputs on a smaller scale, often helps"
+    )
 
 
 def predict(model: Any, X: Any, *, batch_size: int = 1024) -> np.ndarray:
@@ -356,24 +513,36 @@ def predict(model: Any, X: Any, *, batch_size: int = 1024) -> np.ndarray:
 
 def _predict(model: Any, X: Any, batch_size: int, where: str) -> np.ndarray:
     """``predict``, with errors that name the public function ``where``."""
+    return np.concatenate(list(_chunks(model, X, batch_size, where)), axis=0)
+
+
+def _chunks(model: Any, X: Any, batch_size: int, where: str) -> Iterator[np.ndarray]:
+    """The model's output for ``X``, chunk by chunk of ``batch_size`` examples."""
     batch_size = _positive_int("batch_size", batch_size, where)
-    X = np.asarray(X)
+    X = as_array(where, "X", X)
     if X.ndim == 0 or X.shape[0] == 0:
         raise ValueError(f"{where}: X must be a non-empty batch (N, ...), got shape {X.shape}")
     net = _Net(model, None, where)
-    chunks = [net.predict(X[i : i + batch_size]) for i in range(0, X.shape[0], batch_size)]
-    return np.concatenate(chunks, axis=0)
+    for i in range(0, X.shape[0], batch_size):
+        yield net.predict(X[i : i + batch_size])
 
 
 def accuracy(model: Any, X: Any, y: Any, *, batch_size: int = 1024) -> float:
-    """The fraction of examples whose largest output is at the label: ``mean(argmax = y)``."""
-    X, y = np.asarray(X), np.asarray(y)
+    """The fraction of examples whose largest output is at the label: ``mean(argmax = y)``.
+
+    The model runs on chunks of ``batch_size`` examples; only the count of correct
+    predictions is kept from each, so no output for the whole of ``X`` is ever held.
+    """
+    X, y = as_array("accuracy", "X", X), as_array("accuracy", "y", y)
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.shape[0] != X.shape[0]:
         raise ValueError(
             f"accuracy: y must be integer labels of shape ({X.shape[0] if X.ndim else '?'},), "
             f"got dtype {y.dtype} and shape {y.shape}"
         )
-    y_hat = _predict(model, X, batch_size, "accuracy")
-    if y_hat.ndim != 2:
-        raise ValueError(f"accuracy: the model's output has shape {y_hat.shape}, not (N, C)")
-    return float(np.mean(np.argmax(y_hat, axis=1) == y))
+    correct, start = 0, 0
+    for y_hat in _chunks(model, X, batch_size, "accuracy"):
+        if y_hat.ndim != 2:
+            raise ValueError(f"accuracy: the model's output has shape {y_hat.shape}, not (N, C)")
+        correct += int(np.count_nonzero(np.argmax(y_hat, axis=1) == y[start : start + len(y_hat)]))
+        start += len(y_hat)
+    return correct / X.shape[0]

@@ -1091,6 +1091,12 @@ OPTIMIZERS: list[tuple[str, Callable[..., bp.Optimizer], Callable[..., Any], dic
         torch.optim.SGD,
         {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.1},
     ),
+    (
+        "sgd_nesterov",
+        bp.SGD,
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    ),
     ("adam", bp.Adam, torch.optim.Adam, {"lr": 0.01}),
     ("adam_defaults", bp.Adam, torch.optim.Adam, {}),
     (

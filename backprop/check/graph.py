@@ -73,7 +73,7 @@ def gradcheck_graph(
     eps: float = 1e-6,
     rtol: float = 1e-6,
     atol: float = 1e-8,
-    seed: int = 0,
+    seed: Any = 0,
     mode: str = "auto",
     directions: int = 3,
 ) -> GradcheckReport:

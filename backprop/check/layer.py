@@ -160,7 +160,7 @@ def check_layer(
     eps: float,
     rtol: float,
     atol: float,
-    seed: int,
+    seed: Any,
     mode: str,
     directions: int,
 ) -> GradcheckReport:

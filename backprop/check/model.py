@@ -21,9 +21,10 @@ def gradcheck(
     eps: float = 1e-6,
     rtol: float = 1e-6,
     atol: float = 1e-8,
-    seed: int = 0,
+    rng: Any = None,
     mode: str = "auto",
     directions: int = 3,
+    seed: Any = None,
     **named_inputs: Any,
 ) -> GradcheckReport:
     """The three-way check of a layer or a network at ``inputs``.
@@ -59,7 +60,8 @@ def gradcheck(
     parameter at most 2,000 (``backprop.check.modes``). The report names the
     mode.
 
-    ``g_out`` defaults to a random array (seeded by ``seed``) of the output's
+    ``g_out`` defaults to a random array (drawn with ``rng``, a seed or a
+    ``numpy.random.Generator``, 0 by default; ``seed`` is its old name) of the output's
     shape, or a tuple of them for several outputs (for a Graph: the seeds, in
     any form ``Graph.backward`` takes). ``eps`` is the relative finite-difference
     step; ``rtol`` and ``atol`` are relative to the entry and to the largest
@@ -68,9 +70,13 @@ def gradcheck(
     kink). Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
     disagreement. The model is left at its operating point at ``inputs``.
     """
+    if rng is not None and seed is not None:
+        raise TypeError("gradcheck: give rng= (or its old name seed=), not both")
+    rng = seed if rng is None else rng
     options: dict[str, Any] = dict(
-        eps=eps, rtol=rtol, atol=atol, seed=seed, mode=mode, directions=directions
-    )
+        eps=eps, rtol=rtol, atol=atol, seed=0 if rng is None else rng, mode=mode,
+        directions=directions,
+    )  # fmt: skip
     if isinstance(model, Graph):
         feed = _feed(model, inputs, named_inputs)
         return gradcheck_graph(model, feed, seeds=g_out, **options)

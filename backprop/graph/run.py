@@ -133,7 +133,7 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
                     _reraise(graph, i, [x], e)
                 continue
             if kind == state.INPUT:
-                x = values[outs[0]] = np.asarray(given[node.name])
+                x = values[outs[0]] = _as_array(graph, node.name, given[node.name])
                 float_input[i] = x.dtype.kind == "f"
                 continue
             args = [values[k] for k in ins]
@@ -160,10 +160,13 @@ def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
     other inputs (a loss's targets), in order. Returns the one output's value."""
     chain: state.Chain = graph._chain  # type: ignore[assignment]
     values: list[Any] = [None] * len(graph._slots)
-    x = values[chain.foot[1]] = np.asarray(x)
-    extras = list(map(np.asarray, extras))
-    for (_, slot), t in zip(chain.extras, extras, strict=True):
-        values[slot] = t
+    name, slot = chain.foot
+    x = values[slot] = x if type(x) is np.ndarray else _as_array(graph, name, x)
+    targets = []
+    for (name, slot), t in zip(chain.extras, extras, strict=True):
+        t = values[slot] = t if type(t) is np.ndarray else _as_array(graph, name, t)
+        targets.append(t)
+    extras = targets
     layers = chain.layers
     before = list(map(state.operating_point, layers))
     try:
@@ -200,6 +203,16 @@ def _done(
     return tuple([values[k] for k in graph._output_slots])
 
 
+def _as_array(graph: Graph, name: str, x: Any) -> np.ndarray:
+    """Input ``name`` as an array, or an error that names it (a ragged list, say)."""
+    if type(x) is np.ndarray:
+        return x
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{graph._kind()}.forward: input {name!r} is not an array: {e}") from None
+
+
 def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
     """The value named ``value``, from only the nodes it depends on, caching nothing.
 
@@ -224,7 +237,7 @@ def evaluate(graph: Graph, value: str, given: Mapping[str, Any]) -> Any:
         if node.kind == "input":
             if node.name not in given:
                 raise TypeError(f"{graph._kind()}.evaluate: {value!r} needs input {node.name!r}")
-            values[(i, 0)] = np.asarray(given[node.name])
+            values[(i, 0)] = _as_array(graph, node.name, given[node.name])
             continue
         out = _run(graph, i, [values[src] for src in node.inputs], False)
         for k, o in enumerate(out if node.multi else (out,)):

@@ -4,6 +4,7 @@
   (and each nested graph's forward id); a backward whose tokens changed refuses
   to run, since some layer was run on its own since.
 - ``snapshot``/``restore``: a failed forward puts every node back as it was.
+- ``activation_bytes``: how much memory the values of the last forward take.
 - ``needs_for``/``backward_plan``: which nodes backward visits, for the inputs
   that want a gradient, computed once per such set and kept.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from backprop.layer import Layer
 
@@ -61,6 +64,19 @@ def restore(graph: Graph, saved: tuple[Any, ...]) -> None:
         layer._op = op
     for inner, inner_saved in nested:
         restore(inner, inner_saved)
+
+
+def activation_bytes(graph: Graph) -> int:
+    """Bytes of every value the last forward computed, kept or let go (``cache=False``
+    keeps each one's shape and dtype), in ``graph`` and the graphs nested in it."""
+    total = 0
+    for k, value in enumerate(graph._values):
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif graph._meta and graph._meta[k] is not None:
+            shape, dtype = graph._meta[k]
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total + sum(activation_bytes(inner) for inner in graph._nested)
 
 
 def needs_for(graph: Graph, wanted: tuple[bool, ...]) -> list[bool]:

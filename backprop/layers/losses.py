@@ -8,10 +8,12 @@ Per example, ``L^x`` is a single row: ``[1 × |x_in|]`` (eq. 14.34).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
+from backprop.finite import loss_not_finite
 from backprop.jacobian import Dense, Jacobian
 from backprop.layer import Loss, OperatingPoint
 
@@ -89,6 +91,7 @@ class SoftmaxCrossEntropy(Loss):
         self._batch_ones = np.ones(0)  # cached N ones: the sum over rows as one dot product
 
     def _check(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        shape = labels.shape
         if logits.ndim != 2 or labels.ndim != 1:
             self._check_shapes(logits, labels)
             labels = labels.reshape(-1)  # the range check below reads one axis
@@ -96,7 +99,10 @@ class SoftmaxCrossEntropy(Loss):
             self._check_shapes(logits, labels)
         C = logits.shape[1]
         if not labels.size:
-            return
+            raise ValueError(
+                f"SoftmaxCrossEntropy: no labelled position (logits {logits.shape}, labels "
+                f"{shape}); the cost is a mean over them, and there are none"
+            )
         # np.maximum.reduce, not labels.max(): the same reduction without the Python
         # wrapper around it, on every step's path.
         dtype = labels.dtype
@@ -150,6 +156,10 @@ class SoftmaxCrossEntropy(Loss):
             m = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0)
         else:
             m = np.maximum.reduce(logits, axis=1)
+        if not math.isfinite(np.add.reduce(m)) and not np.isfinite(m).all():
+            # A row holding NaN or +inf has no softmax (and inf - inf would warn): refuse
+            # it here, naming the logits, before any state changes.
+            raise ValueError(loss_not_finite(self, op.x_in, math.nan))
         p = logits - m[:, None]  # shifted logits, every entry <= 0
         if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
             labels = labels.astype(np.intp)

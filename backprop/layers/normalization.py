@@ -205,6 +205,13 @@ class _BatchNorm(Layer):
         """``{"running_mean": ..., "running_var": ...}``: the state that is not a Parameter."""
         return {"running_mean": self._running_mean, "running_var": self._running_var}
 
+    def set_buffers(self, values: dict[str, Any]) -> None:
+        """Set buffers by their names in ``buffers`` (what a checkpoint restores)."""
+        unknown = set(values) - {"running_mean", "running_var"}
+        if unknown:
+            raise ValueError(f"{self!r}: no buffer named {', '.join(sorted(unknown))}")
+        self.set_running_stats(values.get("running_mean"), values.get("running_var"))
+
     def set_running_stats(self, mean: Any = None, var: Any = None) -> None:
         """Replace the running statistics (copied), each ``(c,)`` in the layer's dtype;
         ``var`` must be non-negative. Both are checked before either changes."""
