@@ -30,10 +30,9 @@ default multiplies through the Jacobians) and ``_jacobians``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from operator import attrgetter
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NoReturn, cast
 
 import numpy as np
 
@@ -577,23 +576,18 @@ class Loss(Layer):
 
     Its ``backward()`` needs no argument: ``g_out = dJ/dJ = 1``. Its per-example
     ``L^x`` has one row, ``∂J/∂x_in[b]``, which already carries the ``1/B``.
+    An empty batch and a cost that is not finite are refused (``_refuse``), never
+    returned as NaN.
     """
 
     inputs = ("y_hat", "y")
 
-    def forward(self, *x_in: Any, cache: bool = True) -> np.ndarray:
-        """The cost ``J`` of a batch. An empty batch (a mean over no examples) and a
-        ``J`` that is not finite are a ``ValueError`` that changes nothing and names
-        the input holding NaN or inf (or says that the cost itself overflowed)."""
-        first: Any = x_in[0] if x_in else None
-        if (first.shape if type(first) is np.ndarray else np.shape(first))[:1] == (0,):
-            raise ValueError(loss_not_finite(self, x_in, None))
-        previous = self._op
-        J = super().forward(*x_in, cache=cache)
-        if not math.isfinite(J):
-            self._op = previous
-            raise ValueError(loss_not_finite(self, x_in, J))
-        return J
+    def _refuse(self, x_in: tuple[Any, ...], J: Any = None) -> NoReturn:
+        """Raise the ``ValueError`` of a batch with no cost: an empty one (``J`` None),
+        or one whose ``J`` is NaN or inf, naming the input that holds NaN or inf (or
+        saying that the cost itself overflowed). A loss calls it from ``_check`` or
+        ``_forward``, so the failed call changes nothing."""
+        raise ValueError(loss_not_finite(self, x_in, J))
 
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:

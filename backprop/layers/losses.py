@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from backprop.finite import loss_not_finite
 from backprop.jacobian import Dense, Jacobian
 from backprop.layer import Loss, OperatingPoint
 
@@ -39,11 +38,16 @@ class L2Loss(Loss):
                 f"L2Loss: y_hat has shape {y_hat.shape} but y has shape {y.shape}; "
                 f"the prediction and the target must have the same shape"
             )
+        if not y.shape[0]:
+            self._refuse((y_hat, y))
 
     def _forward(self, op: OperatingPoint, y_hat: np.ndarray, y: np.ndarray) -> np.ndarray:
         r = y_hat - y  # kept: backward scales it instead of subtracting again
         op.saved["r"] = r
-        return np.asarray(np.vdot(r, r) / y.shape[0], dtype=y.dtype)
+        J = np.vdot(r, r) / y.shape[0]
+        if not math.isfinite(J):
+            self._refuse(op.x_in, J)
+        return np.asarray(J, dtype=y.dtype)
 
     def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
         """``scale · ∂J/∂ŷ = scale · 2(ŷ - y) / B``, in ``ŷ``'s shape (a new array)."""
@@ -159,7 +163,7 @@ class SoftmaxCrossEntropy(Loss):
         if not math.isfinite(np.add.reduce(m)) and not np.isfinite(m).all():
             # A row holding NaN or +inf has no softmax (and inf - inf would warn): refuse
             # it here, naming the logits, before any state changes.
-            raise ValueError(loss_not_finite(self, op.x_in, math.nan))
+            self._refuse(op.x_in, math.nan)
         p = logits - m[:, None]  # shifted logits, every entry <= 0
         if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
             labels = labels.astype(np.intp)
@@ -176,7 +180,10 @@ class SoftmaxCrossEntropy(Loss):
         batch_ones = self._batch_ones
         if batch_ones.shape[0] != N or batch_ones.dtype != logits.dtype:
             batch_ones = self._batch_ones = np.ones(N, dtype=logits.dtype)
-        return np.asarray(np.dot(lse, batch_ones) / N, dtype=logits.dtype)
+        J = np.dot(lse, batch_ones) / N
+        if not math.isfinite(J):  # finite logits, but a label's logit at -inf
+            self._refuse(op.x_in, J)
+        return np.asarray(J, dtype=logits.dtype)
 
     def _error(self, op: OperatingPoint, scale: float = 1.0) -> np.ndarray:
         """``scale · ∂J/∂z = scale · (softmax(z) - onehot(y)) / N`` in the logits' shape
