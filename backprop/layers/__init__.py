@@ -7,15 +7,17 @@ from backprop.layers.losses import L2Loss, SoftmaxCrossEntropy
 from backprop.layers.normalization import BatchNorm1d, BatchNorm2d, LayerNorm
 from backprop.layers.pointwise import LeakyReLU, Pointwise, ReLU, Sigmoid, Softplus, Tanh
 from backprop.layers.pooling import AvgPool2d, GlobalAvgPool, GlobalMaxPool, MaxPool2d, Upsample
+from backprop.layers.sequence import Embedding, PositionalEncoding
 from backprop.layers.shape import Flatten, Reshape, Transpose
 from backprop.layers.softmax import LogSoftmax, Softmax
-from backprop.layers.structure import Add, Branch, Merge, Multiply
+from backprop.layers.structure import Add, Branch, MatMul, Merge, Multiply
 
 __all__ = [
     "Add",
     "BatchNorm1d",
     "BatchNorm2d",
     "Dropout",
+    "Embedding",
     "LayerNorm",
     "LogSoftmax",
     "Softmax",
@@ -29,10 +31,12 @@ __all__ = [
     "L2Loss",
     "LeakyReLU",
     "Linear",
+    "MatMul",
     "MaxPool2d",
     "Merge",
     "Multiply",
     "Pointwise",
+    "PositionalEncoding",
     "ReLU",
     "Reshape",
     "Sigmoid",
