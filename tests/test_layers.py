@@ -380,6 +380,18 @@ CASES = [
         lambda dt: bp.Softmax(temperature=0.5, causal=True, masked=True),
         with_mask((2, 4, 4), (4,)),
     ),
+    Case(
+        "MultiHeadAttention",
+        lambda dt: with_params(bp.MultiHeadAttention(6, 2, rng=0, dtype=dt), 40, 0.5),
+        normal(4, 6),
+    ),
+    Case(
+        "MultiHeadAttention-causal-masked-nobias",
+        lambda dt: with_params(
+            bp.MultiHeadAttention(4, 2, causal=True, bias=False, rng=1, dtype=dt), 41, 0.5
+        ),
+        with_mask((3, 4), (3,)),
+    ),
 ]
 
 BATCHES = [1, 4]

@@ -507,6 +507,27 @@ def _sinusoids(x: Any) -> Any:
     return x + torch.where(i % 2 == 0, torch.sin(angle), torch.cos(angle))
 
 
+def _mha(heads: int, causal: bool = False) -> Callable[..., Any]:
+    """torch's multi-head self-attention on (B, T, d) with the library's parameters."""
+
+    def fn(x: Any, *mask: Any, Wq: Any, Wk: Any, Wv: Any, Wo: Any, **b: Any) -> Any:
+        T, d = x.shape[1:]
+        attn_mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # True: hidden
+        xt = x.transpose(0, 1)  # torch's functional form takes (T, B, d)
+        bias = [b["bq"], b["bk"], b["bv"]] if b else None
+        y, _ = F.multi_head_attention_forward(
+            xt, xt, xt, d, heads,
+            torch.cat([Wq, Wk, Wv]), None if bias is None else torch.cat(bias),
+            None, None, False, 0.0, Wo, b.get("bo"),
+            need_weights=False,
+            attn_mask=attn_mask if causal else None,
+            key_padding_mask=mask[0] if mask else None,
+        )  # fmt: skip
+        return y.transpose(0, 1)
+
+    return fn
+
+
 TORCH_ROWS = [
     TorchRow("Linear", lambda: bp.Linear(5, 3, rng=1), _normal((_B, 5)), _linear),
     TorchRow(
@@ -781,6 +802,24 @@ TORCH_ROWS = [
         lambda: bp.Softmax(masked=True),
         _scores_and_keys((_B, 2, 3, 5), (_B, 5)),
         _masked_softmax,
+    ),
+    TorchRow(
+        "MultiHeadAttention",
+        lambda: _norm_params(bp.MultiHeadAttention(6, 2, rng=5), 8),
+        _normal((_B, 5, 6)),
+        _mha(2),
+    ),
+    TorchRow(
+        "MultiHeadAttention-causal-key-mask",
+        lambda: _norm_params(bp.MultiHeadAttention(8, 4, causal=True, rng=6), 9),
+        _scores_and_keys((_B, 5, 8), (_B, 5)),
+        _mha(4, causal=True),
+    ),
+    TorchRow(
+        "MultiHeadAttention-nobias",
+        lambda: _norm_params(bp.MultiHeadAttention(4, 1, bias=False, rng=7), 10),
+        _normal((_B, 3, 4)),
+        _mha(1),
     ),
 ]
 

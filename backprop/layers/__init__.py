@@ -1,5 +1,6 @@
 """The layers, one module per family."""
 
+from backprop.layers.attention import MultiHeadAttention
 from backprop.layers.conv import Conv2d, ConvTranspose2d
 from backprop.layers.dropout import Dropout
 from backprop.layers.linear import Linear
@@ -35,6 +36,7 @@ __all__ = [
     "MaxPool2d",
     "Merge",
     "Multiply",
+    "MultiHeadAttention",
     "Pointwise",
     "PositionalEncoding",
     "ReLU",
