@@ -41,6 +41,7 @@ from backprop.layers import (
     Tanh,
     Transpose,
     Upsample,
+    transformer_block,
 )
 from backprop.optim import SGD, Adam, Optimizer
 from backprop.train import History, accuracy, fit, predict
@@ -107,4 +108,5 @@ __all__ = [
     "gradcheck",
     "jacobian",
     "numerical_jacobian",
+    "transformer_block",
 ]

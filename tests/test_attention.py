@@ -37,11 +37,13 @@ def randomized(mha: bp.MultiHeadAttention, seed: int, scale: float = 0.5) -> bp.
     return mha
 
 
-def torch_mha(mha: bp.MultiHeadAttention, dtype: Any = torch.float64) -> Any:
-    """``torch.nn.MultiheadAttention`` holding ``mha``'s parameters (the documented map)."""
+def torch_mha(mha: bp.MultiHeadAttention, dtype: Any = torch.float64, t: Any = None) -> Any:
+    """``torch.nn.MultiheadAttention`` (``t``, or a new one) holding ``mha``'s parameters
+    (the documented map)."""
     P = {k: torch.tensor(np.array(p.value)) for k, p in mha.params.items()}
-    t = torch.nn.MultiheadAttention(mha.d, mha.n_heads, bias=mha.bias, batch_first=True)
-    t = t.to(dtype)
+    if t is None:
+        t = torch.nn.MultiheadAttention(mha.d, mha.n_heads, bias=mha.bias, batch_first=True)
+        t = t.to(dtype)
     with torch.no_grad():
         t.in_proj_weight.copy_(torch.cat([P["Wq"], P["Wk"], P["Wv"]]))
         t.out_proj.weight.copy_(P["Wo"])
@@ -372,3 +374,95 @@ def test_bad_shapes_and_masks_are_refused_by_name() -> None:
         g.add(bp.MultiHeadAttention(4, 2), a, b, c)
     with pytest.raises(RuntimeError, match="call forward"):
         bp.MultiHeadAttention(4, 2).backward(np.zeros((2, 3, 4)))
+
+
+# -- the transformer encoder block ----------------------------------------------------------
+
+
+def torch_block(block: bp.Graph, d: int, heads: int, ff: int) -> Any:
+    """``torch.nn.TransformerEncoderLayer`` (pre-norm, no dropout) with ``block``'s weights."""
+    t = torch.nn.TransformerEncoderLayer(
+        d, heads, ff, dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64
+    )
+    torch_mha(block["attn"], t=t.self_attn)
+    with torch.no_grad():
+        for ours, theirs in (("ff1", t.linear1), ("ff2", t.linear2)):
+            theirs.weight.copy_(torch.tensor(np.array(block[ours].params["W"].value)))
+            theirs.bias.copy_(torch.tensor(np.array(block[ours].params["b"].value)))
+        for ours, theirs in (("norm1", t.norm1), ("norm2", t.norm2)):
+            theirs.weight.copy_(torch.tensor(np.array(block[ours].params["gamma"].value)))
+            theirs.bias.copy_(torch.tensor(np.array(block[ours].params["beta"].value)))
+    return t.train()
+
+
+def torch_block_grads(block: bp.Graph, t: Any) -> dict[bp.Parameter, np.ndarray]:
+    """torch's gradients, keyed by the block's Parameters."""
+    out = {p: torch_grads(t.self_attn)[name] for name, p in block["attn"].params.items()}
+    for ours, theirs in (("ff1", t.linear1), ("ff2", t.linear2)):
+        out[block[ours].params["W"]] = theirs.weight.grad.numpy()
+        out[block[ours].params["b"]] = theirs.bias.grad.numpy()
+    for ours, theirs in (("norm1", t.norm1), ("norm2", t.norm2)):
+        out[block[ours].params["gamma"]] = theirs.weight.grad.numpy()
+        out[block[ours].params["beta"]] = theirs.bias.grad.numpy()
+    return out
+
+
+def randomize(model: bp.Graph, seed: int, scale: float = 0.5) -> bp.Graph:
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():
+        p.value = (scale * rng.standard_normal(p.shape)).astype(p.dtype)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["fast", "explicit"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "keymask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_transformer_block_matches_torch_encoder_layer(
+    causal: bool, masked: bool, mode: str
+) -> None:
+    rng = np.random.default_rng(16)
+    d, heads, ff, B, T = 8, 2, 16, 3, 5
+    block = bp.transformer_block(d, heads, ff, causal=causal, key_padding_mask=masked, rng=3)
+    randomize(block, seed=11)
+    x = rng.standard_normal((B, T, d))
+    mask = key_mask(rng, B, T) if masked else None
+    y = block.forward(x=x) if mask is None else block.forward(x=x, key_padding_mask=mask)
+    g = rng.standard_normal(y.shape)
+    grads = block.backward(g, mode=mode)
+    t = torch_block(block, d, heads, ff)
+    xt = torch.tensor(x, requires_grad=True)
+    src_mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1) if causal else None
+    kpm = None if mask is None else torch.tensor(mask)
+    y_t = t(xt, src_mask=src_mask, src_key_padding_mask=kpm)
+    y_t.backward(torch.tensor(g))
+    close(y, y_t)
+    close(grads.inputs["x"], xt.grad)
+    expected = torch_block_grads(block, t)
+    assert set(expected) == set(block.parameters())  # every parameter is compared
+    for p, grad_t in expected.items():
+        close(grads.params[p], grad_t)
+
+
+def test_transformer_block_in_float32_and_its_gradient_check() -> None:
+    rng = np.random.default_rng(17)
+    block = randomize(bp.transformer_block(4, 2, 8, causal=True, rng=4), seed=12)
+    x = rng.standard_normal((2, 3, 4))
+    report = bp.gradcheck(block, x=x)
+    assert report.checks and report.worst < 1e-6
+    block32 = bp.transformer_block(4, 2, 8, causal=True, rng=4, dtype=np.float32)
+    for p32, p64 in zip(block32.parameters(), block.parameters(), strict=True):
+        p32.value = p64.value.astype(np.float32)
+    y32 = block32.forward(x=x.astype(np.float32))
+    y64 = block.forward(x=x)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-5)
+    g = rng.standard_normal(y64.shape)
+    grads32, grads64 = block32.backward(g.astype(np.float32)), block.backward(g)
+    np.testing.assert_allclose(grads32.inputs["x"], grads64.inputs["x"], rtol=1e-4, atol=1e-5)
+    for p32, p64 in zip(block32.parameters(), block.parameters(), strict=True):
+        assert grads32.params[p32].dtype == np.float32
+        np.testing.assert_allclose(grads32.params[p32], grads64.params[p64], rtol=1e-4, atol=1e-4)
+    names = [info.name for info in block.nodes() if not info.auto]
+    assert names == [
+        "x", "norm1", "attn", "residual1", "norm2", "ff1", "relu", "ff2", "residual2"
+    ]  # fmt: skip

@@ -12,6 +12,7 @@ from backprop.layers.sequence import Embedding, PositionalEncoding
 from backprop.layers.shape import Flatten, Reshape, Transpose
 from backprop.layers.softmax import LogSoftmax, Softmax
 from backprop.layers.structure import Add, Branch, MatMul, Merge, Multiply
+from backprop.layers.transformer import transformer_block
 
 __all__ = [
     "Add",
@@ -47,4 +48,5 @@ __all__ = [
     "Tanh",
     "Transpose",
     "Upsample",
+    "transformer_block",
 ]

@@ -22,8 +22,8 @@ Jacobians can be looked at and checked like any other (``mha.graph``; ``Reshape`
        └─ v ── v_split ── v_heads ────────────────────────────────────────┴─ context
     context ── context_tokens ── merge ── out  = y                     (A_h V_h, W_o)
 
-It is the one layer module that uses the executor (``backprop.graph``, which knows
-no concrete layer), to compose the others.
+With ``transformer`` it is one of the two layer modules that use the executor
+(``backprop.graph``, which knows no concrete layer), to compose the others.
 """
 
 from __future__ import annotations
