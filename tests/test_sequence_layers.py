@@ -219,3 +219,26 @@ def test_a_mask_is_a_graph_input_without_gradient_and_fans_out() -> None:
     explicit = g.backward(np.ones(out.shape), mode="explicit")
     fast = g.backward(np.ones(out.shape))
     np.testing.assert_allclose(explicit.inputs["x"], fast.inputs["x"], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("scale", [1.0, 50.0, 1e3])
+def test_softmax_is_stable_with_and_without_the_row_shift(dtype: type, scale: float) -> None:
+    # Small scores skip the shift by the row maximum, large ones take it (the bound
+    # depends on the dtype): both give the softmax, never inf or NaN.
+    rng = np.random.default_rng(6)
+    x = (scale * rng.standard_normal((2, 3, 5))).astype(dtype)
+    mask = np.zeros((2, 5), bool)
+    mask[1] = True  # example 1: every row fully masked
+    mask[0, 2] = True
+    for layer, args in ((bp.Softmax(), (x,)), (bp.Softmax(masked=True), (x, mask))):
+        p = layer.forward(*args)
+        assert p.dtype == dtype and np.all(np.isfinite(p))
+        blocked = np.broadcast_to(mask[:, None, :], x.shape) if len(args) == 2 else None
+        for b in range(2):
+            for r in range(3):
+                allowed = np.ones(5, bool) if blocked is None else ~blocked[b, r]
+                want = _softmax_over(x[b, r].astype(np.float64), allowed)
+                np.testing.assert_allclose(
+                    p[b, r], want, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=1e-30
+                )

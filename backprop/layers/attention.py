@@ -121,6 +121,7 @@ class MultiHeadAttention(Layer):
         for name, p in self.params.items():
             p._set_place(name)  # as the layer calls them, until a model places the layer
         self._cache_inner = True
+        self._no_mask: dict[tuple[int, ...], np.ndarray] = {}  # (B, T) of False, read-only
 
     def _build(self, dt: np.dtype[Any]) -> Graph:
         """The inner graph: inputs ``x`` and ``key_padding_mask``, output ``y``."""
@@ -202,7 +203,10 @@ class MultiHeadAttention(Layer):
         self, op: OperatingPoint, x: np.ndarray, mask: np.ndarray | None = None
     ) -> np.ndarray:
         if mask is None:
-            mask = np.zeros(x.shape[:2], dtype=bool)
+            mask = self._no_mask.get(x.shape[:2])
+            if mask is None:
+                mask = self._no_mask[x.shape[:2]] = np.zeros(x.shape[:2], dtype=bool)
+                mask.setflags(write=False)
         y = self.graph.forward(x=x, key_padding_mask=mask, cache=self._cache_inner)
         op.saved["inner"] = self.graph["out"]._op  # the inner run this operating point is
         return np.asarray(y)

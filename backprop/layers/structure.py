@@ -241,8 +241,8 @@ class Branch(Layer):
             return np.zeros_like(op.x_in[0]), {}
         if len(g_out) == 1:
             return _read_only(g_out[0]), {}
-        total = g_out[0].copy()
-        for g in g_out[1:]:
+        total = g_out[0] + g_out[1]
+        for g in g_out[2:]:
             total += g
         return total, {}
 
@@ -348,6 +348,8 @@ class MatMul(Layer):
             )
 
     def _forward(self, op: OperatingPoint, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        # np.matmul straight on the heads' strided views: measured faster than einsum
+        # (with or without its optimizer) and than copying them contiguous first.
         return np.matmul(a, b)
 
     def _backward(
