@@ -17,8 +17,8 @@ Shapes, stated once: data arrays are ``(B, *shape)`` with the batch on axis 0;
 Rules every layer follows, enforced here once:
 
 - data must be floating point (float32 or float64); integer data raise a
-  ``TypeError`` that says how to convert it (integer class labels are the one
-  exception, declared by the layer);
+  ``TypeError`` that says how to convert it (integer class labels and boolean
+  masks are the exceptions, declared by the layer: data that gets no gradient);
 - a layer never changes the dtype of what flows through it;
 - ``forward`` copies an input array the caller could still change, and marks its
   own outputs read-only, so no later mutation can corrupt the gradients;
@@ -200,12 +200,16 @@ class Layer:
 
     - ``inputs``: names of the positional inputs (``("x_in",)`` by default);
     - ``label_inputs``: names among them that hold integer labels (no gradient);
+    - ``mask_inputs``: names among them that hold boolean masks (no gradient);
     - ``reduces_batch``: True when the output has no batch axis (a sum over the
       examples, as a loss's ``J``).
     """
 
     inputs: tuple[str, ...] = ("x_in",)
     label_inputs: frozenset[str] = frozenset()
+    #: Names among ``inputs`` that hold boolean masks (True where an entry is left out,
+    #: PyTorch's convention for attention masks): data, not variables, like labels.
+    mask_inputs: frozenset[str] = frozenset()
     #: True for a layer whose output has no batch axis: a sum over the examples.
     reduces_batch: bool = False
     #: How many outputs ``forward`` returns (a tuple of them when more than one). The
@@ -445,6 +449,7 @@ class Layer:
                 and x.shape[0] == t.shape[0]
                 and x.dtype in FLOAT_DTYPES
                 and self.inputs[0] not in self.label_inputs
+                and self.inputs[1] not in self.mask_inputs
                 and (
                     t.dtype.kind in "iu"
                     if self.inputs[1] in self.label_inputs
@@ -468,7 +473,7 @@ class Layer:
         arrays = []
         for what, x in zip(self.inputs, x_in, strict=True):
             x = self._as_input(what, x, dtype)
-            if what not in self.label_inputs and dtype is None:
+            if what not in self.label_inputs and what not in self.mask_inputs and dtype is None:
                 dtype = x.dtype  # the first float input sets the dtype of the others
             arrays.append(x)
         if any(x.shape[0] != arrays[0].shape[0] for x in arrays):
@@ -489,8 +494,16 @@ class Layer:
         return tuple(arrays)
 
     def _as_input(self, what: str, x: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
-        """Input ``what`` as an owned array: integer labels, or float data of ``dtype``."""
-        if what in self.label_inputs:
+        """Input ``what`` as an owned array: integer labels, a boolean mask, or float data
+        of ``dtype``."""
+        if what in self.mask_inputs:
+            x = np.asarray(x)
+            if x.dtype != np.bool_:
+                raise TypeError(
+                    f"{self!r}: {what} must be a boolean mask (True where an entry is left "
+                    f"out), got dtype {x.dtype} (shape {x.shape}); convert with x.astype(bool)"
+                )
+        elif what in self.label_inputs:
             x = np.asarray(x)
             if x.dtype.kind not in "iu":  # signed or unsigned integers
                 raise TypeError(

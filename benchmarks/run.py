@@ -3,10 +3,10 @@
 Run it with ``make bench`` (or ``python benchmarks/run.py``; ``--help`` for the
 options). In one run it
 
-- times one training step (forward, loss, backward, SGD update) of three MLPs and
-  two convnets (the digits CNN and LeNet-5) in float64 and float32, with the
-  contestants interleaved round by round, and reports the median of the repeats and
-  its ratio to the hand-written numpy step;
+- times one training step (forward, loss, backward, SGD update) of three MLPs, two
+  convnets (the digits CNN and LeNet-5) and one pre-norm transformer encoder block in
+  float64 and float32, with the contestants interleaved round by round, and reports
+  the median of the repeats and its ratio to the hand-written numpy step;
 - times the Jacobians of the large MLP (``∂y/∂x`` for 1 and for 32 examples,
   ``∂y/∂W1`` for 1 example) against the explicit numpy chain ``W3 diag W2 diag W1``
   and ``torch.func.jacrev``;

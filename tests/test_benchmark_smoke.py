@@ -41,6 +41,7 @@ jacobians = importlib.import_module("backprop_bench.jacobians")
 goals = importlib.import_module("backprop_bench.goals")
 cli = importlib.import_module("backprop_bench.cli")
 convnets = importlib.import_module("backprop_bench.convnets")
+transformer = importlib.import_module("backprop_bench.transformer")
 
 CASES = [(size, dt) for size in ("tiny", "small") for dt in (np.float64, np.float32)]
 
@@ -247,7 +248,7 @@ def test_script_runs_as_make_bench_runs_it() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "--cases" in done.stdout
-    assert "tiny,small,large,cnn,lenet,jacobians,memory" in done.stdout
+    assert "tiny,small,large,cnn,lenet,transformer,jacobians,memory" in done.stdout
 
 
 def test_quick_run_writes_its_results(tmp_path: Path) -> None:
@@ -286,6 +287,53 @@ def test_quick_run_of_the_convnets(tmp_path: Path) -> None:
     assert not measured & {g["goal"] for g in report["goals"] if "tiny" in g["goal"]}
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_transformer_contestant_first_step_matches_reference(dtype: Any) -> None:
+    # The hand-written numpy block, the engine's transformer_block and torch's
+    # TransformerEncoderLayer are three separate computations of the same step.
+    p = transformer.make_block_problem(dtype, batch=4, T=5, d=8, heads=2, ff=16)
+    contestants = transformer.block_contestants(p)
+    assert {"numpy", "engine"} <= set(contestants)
+    for name, factory in contestants.items():
+        ok, msg = steps.check_first_step(factory, p, reference=transformer.NumpyBlockStep)
+        assert ok, f"{name} ({np.dtype(dtype).name}): {msg}"
+    ref = transformer.NumpyBlockStep(p)
+    ref.step()
+    pairs = zip(ref.weights(), p.weights, strict=True)
+    moved = [not np.array_equal(W, W0) for (W, _), (W0, _) in pairs]
+    assert all(moved)  # every pair of weights took a step: the check compares something
+
+
+def test_transformer_check_catches_a_wrong_attention_gradient() -> None:
+    p = transformer.make_block_problem(np.float64, batch=2, T=3, d=4, heads=2, ff=8)
+
+    class NoScale(transformer.NumpyBlockStep):  # attention scores without their 1/√m
+        def __init__(self, q: Any) -> None:
+            super().__init__(q)
+            self.scale = 1.0
+
+    ok, msg = steps.check_first_step(NoScale, p, reference=transformer.NumpyBlockStep)
+    assert not ok and "loss" in msg
+    engine = transformer.EngineBlockStep
+    ok, msg = steps.check_first_step(engine, p, reference=NoScale)
+    assert not ok
+
+
+def test_quick_run_of_the_transformer_block(tmp_path: Path) -> None:
+    out_json = tmp_path / "results.json"
+    args = ["--quick", "--repeats", "1", "--cases", "transformer", "--dtypes", "float32"]
+    assert cli.main([*args, "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    (result,) = report["results"]
+    assert (result["case"], result["dtype"]) == ("transformer step", "float32")
+    assert all(msg.startswith("ok") for msg in result["checks"].values()), result["checks"]
+    assert {"numpy", "engine"} <= set(result["timings"])
+    measured = {g["goal"] for g in report["goals"] if g["holds"] is not None}
+    assert measured == (
+        {"transformer step float32: engine / PyTorch"} if steps.torch_ok() else set()
+    )
+
+
 def test_conv_paths_candidates_agree() -> None:
     """``benchmarks/conv_paths.py``: every candidate computes the library's product."""
     spec = importlib.util.spec_from_file_location("conv_paths", _BENCHMARKS / "conv_paths.py")
@@ -309,7 +357,7 @@ def test_conv_paths_candidates_agree() -> None:
 
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 24
+    assert len(names) == len(set(names)) == 26
     for net in ("cnn", "lenet"):
         assert f"{net} step float64: engine / PyTorch" in names
         assert f"{net} step float32: engine / PyTorch (stretch)" in names

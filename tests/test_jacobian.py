@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 
 from backprop.jacobian import (
+    BlockKronecker,
     Convolution,
     ConvolutionTranspose,
     ConvolutionWeight,
@@ -129,6 +130,28 @@ def diagonal_plus_rank2(rng: np.random.Generator) -> Case:
 def repeated_block(rng: np.random.Generator) -> Case:
     A = rng.standard_normal((2, 3))
     return RepeatedBlock(2, A.copy(), B), _same(np.kron(np.eye(2), A))
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    return sp.block_diag(blocks).toarray()
+
+
+def block_kronecker_left(rng: np.random.Generator) -> Case:
+    # ∂(A C)/∂A for P = 2 products of A_p (3 × 2) and C_p (2 × 4): blocks I_3 ⊗ C_pᵀ.
+    C = rng.standard_normal((B, 2, 2, 4))
+    ref = np.stack(
+        [_block_diagonal([np.kron(np.eye(3), C[b, p].T) for p in range(2)]) for b in range(B)]
+    )
+    return BlockKronecker(C.swapaxes(2, 3), 3, "left"), ref
+
+
+def block_kronecker_right(rng: np.random.Generator) -> Case:
+    # ∂(A C)/∂C for P = 2 products of A_p (3 × 2) and C_p (2 × 4): blocks A_p ⊗ I_4.
+    A = rng.standard_normal((B, 2, 3, 2))
+    ref = np.stack(
+        [_block_diagonal([np.kron(A[b, p], np.eye(4)) for p in range(2)]) for b in range(B)]
+    )
+    return BlockKronecker(A.copy(), 4, "right"), ref
 
 
 def rows(rng: np.random.Generator) -> Case:
@@ -278,6 +301,8 @@ CASES: dict[str, Factory] = {
     "DiagonalPlusLowRank-softmax": softmax_jacobian,
     "DiagonalPlusLowRank-rank2": diagonal_plus_rank2,
     "RepeatedBlock": repeated_block,
+    "BlockKronecker-left": block_kronecker_left,
+    "BlockKronecker-right": block_kronecker_right,
     "Rows": rows,
     "Selection": selection,
     "Tile": tile,
@@ -834,6 +859,10 @@ def test_constructors_reject_bad_shapes() -> None:
         RepeatedBlock(2, np.ones((B, 3, 2)), B)
     with pytest.raises(ValueError, match=r"U, V \(B, N, r\)"):
         DiagonalPlusLowRank(np.ones((B, 3)), np.ones((B, 3, 1)), np.ones((B, 3, 2)))
+    with pytest.raises(ValueError, match=r"\(B, P, r, c\)"):
+        BlockKronecker(np.ones((B, 3, 2)), 2, "left")
+    with pytest.raises(ValueError, match="side must be one of"):
+        BlockKronecker(np.ones((B, 1, 3, 2)), 2, "top")
 
 
 def test_repr_names_the_structure() -> None:
@@ -845,4 +874,7 @@ def test_repr_names_the_structure() -> None:
         KroneckerMatrix(2, np.ones((B, 3, 4)), rows="channels")
     )
     assert "I_4 ⊗ 2×3 block" in repr(RepeatedBlock(4, np.ones((2, 3)), B))
+    assert repr(BlockKronecker(np.ones((B, 2, 3, 4)), 5, "right")).startswith(
+        "BlockKronecker 30×40: F_p ⊗ I_5 (2 block(s) of 15×20)"
+    )
     assert repr(Rows(6, 1, 3, B)).startswith("Rows 3×6: entries 1..3 of 6")

@@ -87,6 +87,32 @@ def logits_and_labels(C: int, *positions: int) -> Callable[[np.random.Generator,
     return draw
 
 
+def token_ids(n: int, *shape: int) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Integer ids ``(B, *shape)`` in ``0..n-1``; with more positions than ids, some repeat."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        return (rng.integers(0, n, size=(B, *shape)),)
+
+    return draw
+
+
+def with_mask(
+    shape: tuple[int, ...], mask: tuple[int, ...], *, full_row: bool = False
+) -> Callable[[np.random.Generator, int, Any], Arrays]:
+    """Float data ``(B, *shape)`` and a boolean mask ``(B, *mask)`` (True: left out), with
+    about a third of the entries masked; ``full_row`` masks the whole of example 0's
+    second row (a row with nothing allowed)."""
+
+    def draw(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
+        x = rng.standard_normal((B, *shape)).astype(dtype)
+        m = rng.random((B, *mask)) < 0.35
+        if full_row:
+            m[0, 1] = True
+        return x, m
+
+    return draw
+
+
 def nothing(rng: np.random.Generator, B: int, dtype: Any) -> Arrays:
     """No input at all: a source of the graph (``Constant``)."""
     return ()
@@ -166,12 +192,12 @@ DEFAULT_BACKWARD = (CubeScale, MatVecPlus)
 # -- helpers of the normalization, softmax and dropout rows -------------------------------
 
 
-def with_params(layer: Layer, seed: int) -> Layer:
-    """``layer`` with every parameter set to fixed N(0, 1) numbers (γ = 1, β = 0 at
+def with_params(layer: Layer, seed: int, scale: float = 1.0) -> Layer:
+    """``layer`` with every parameter set to fixed N(0, scale²) numbers (γ = 1, β = 0 at
     construction would leave the affine part untested)."""
     rng = np.random.default_rng(seed)
     for p in layer.params.values():
-        p.value = rng.standard_normal(p.shape).astype(p.dtype)
+        p.value = (scale * rng.standard_normal(p.shape)).astype(p.dtype)
     return layer
 
 
@@ -337,6 +363,35 @@ CASES = [
     Case("GlobalMaxPool", lambda dt: bp.GlobalMaxPool(), apart(3, 4, 5)),
     Case("Upsample-2", lambda dt: bp.Upsample(2), normal(2, 3, 2)),
     Case("Upsample-2x3", lambda dt: bp.Upsample((2, 3)), normal(2, 2, 3)),
+    # -- sequences and attention: (B, T, d) --
+    Case("Embedding", lambda dt: bp.Embedding(5, 3, rng=0, dtype=dt), token_ids(5, 7)),
+    Case("Embedding-2d-ids", lambda dt: bp.Embedding(4, 2, rng=1, dtype=dt), token_ids(4, 2, 3)),
+    Case("PositionalEncoding", lambda dt: bp.PositionalEncoding(6, 8), normal(5, 6)),
+    Case("MatMul", lambda dt: bp.MatMul(), several((3, 2), (2, 4))),
+    Case("MatMul-heads", lambda dt: bp.MatMul(), several((2, 3, 2), (2, 2, 4))),
+    Case("Softmax-causal", lambda dt: bp.Softmax(causal=True), normal(2, 4, 4)),
+    Case(
+        "Softmax-masked-full-row",
+        lambda dt: bp.Softmax(masked=True),
+        with_mask((2, 3, 4), (3, 4), full_row=True),
+    ),
+    Case(
+        "Softmax-causal-keys-T0.5",
+        lambda dt: bp.Softmax(temperature=0.5, causal=True, masked=True),
+        with_mask((2, 4, 4), (4,)),
+    ),
+    Case(
+        "MultiHeadAttention",
+        lambda dt: with_params(bp.MultiHeadAttention(6, 2, rng=0, dtype=dt), 40, 0.5),
+        normal(4, 6),
+    ),
+    Case(
+        "MultiHeadAttention-causal-masked-nobias",
+        lambda dt: with_params(
+            bp.MultiHeadAttention(4, 2, causal=True, bias=False, rng=1, dtype=dt), 41, 0.5
+        ),
+        with_mask((3, 4), (3,)),
+    ),
 ]
 
 BATCHES = [1, 4]

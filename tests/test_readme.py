@@ -27,6 +27,9 @@ def test_readme_examples_run():
     assert "RepeatedBlock 15×20: W (I_5 ⊗ 3×4 block)" in printed
     assert "KroneckerMatrix 15×12: I ⊗ x_pᵀ per position (rows positions-major" in printed
     assert "Tile 15×3: [I; I; …; I (5 copies)]" in printed
+    assert "DiagonalPlusLowRank 50×50: diag(p) − Σ_rows p_r p_rᵀ (rank 10)" in printed
+    assert "BlockKronecker 50×20: I_5 ⊗ bᵀ (2 block(s) of 25×10)" in printed
+    assert namespace["attention_report"].worst < 1e-6  # type: ignore[attr-defined]
     report = namespace["report"]
     assert report.worst < 1e-6  # type: ignore[attr-defined]
     assert namespace["L_x"].to_dense().shape == (2, 3, 4)  # type: ignore[attr-defined]

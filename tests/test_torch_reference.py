@@ -465,6 +465,69 @@ def _linear(x: Any, W: Any, b: Any) -> Any:
     return F.linear(x, W, b)  # the library's parameter names, W and b, to torch's
 
 
+# -- sequences and attention: inputs, and the torch side --
+
+
+def _ids(n: int, *shape: int) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    """Token ids in ``0..n-1``; more positions than ids, so some repeat."""
+    return lambda rng: [rng.integers(0, n, size=shape)]
+
+
+def _scores_and_keys(
+    shape: tuple[int, ...], keys: tuple[int, ...]
+) -> Callable[[np.random.Generator], list[np.ndarray]]:
+    """Float data and a boolean mask (True: left out) that leaves the first key of
+    every row allowed, so torch (NaN on a row with nothing allowed) defines every row."""
+
+    def draw(rng: np.random.Generator) -> list[np.ndarray]:
+        mask = rng.random(keys) < 0.4
+        mask[..., 0] = False
+        return [rng.standard_normal(shape), mask]
+
+    return draw
+
+
+def _masked_softmax(x: Any, mask: Any) -> Any:
+    """softmax over the last axis of (B, h, T, T) with a (B, T) key mask, in torch."""
+    return F.softmax(x.masked_fill(mask[:, None, None, :], float("-inf")), dim=-1)
+
+
+def _causal_softmax(x: Any) -> Any:
+    T = x.shape[-1]
+    blocked = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    return F.softmax(x.masked_fill(blocked, float("-inf")), dim=-1)
+
+
+def _sinusoids(x: Any) -> Any:
+    """x + the transformer paper's codes, written from its formula in torch."""
+    T, d = x.shape[1:]
+    t = torch.arange(T, dtype=torch.float64)[:, None]
+    i = torch.arange(d, dtype=torch.float64)
+    angle = t / torch.pow(torch.tensor(10000.0, dtype=torch.float64), (i - i % 2) / d)
+    return x + torch.where(i % 2 == 0, torch.sin(angle), torch.cos(angle))
+
+
+def _mha(heads: int, causal: bool = False) -> Callable[..., Any]:
+    """torch's multi-head self-attention on (B, T, d) with the library's parameters."""
+
+    def fn(x: Any, *mask: Any, Wq: Any, Wk: Any, Wv: Any, Wo: Any, **b: Any) -> Any:
+        T, d = x.shape[1:]
+        attn_mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # True: hidden
+        xt = x.transpose(0, 1)  # torch's functional form takes (T, B, d)
+        bias = [b["bq"], b["bk"], b["bv"]] if b else None
+        y, _ = F.multi_head_attention_forward(
+            xt, xt, xt, d, heads,
+            torch.cat([Wq, Wk, Wv]), None if bias is None else torch.cat(bias),
+            None, None, False, 0.0, Wo, b.get("bo"),
+            need_weights=False,
+            attn_mask=attn_mask if causal else None,
+            key_padding_mask=mask[0] if mask else None,
+        )  # fmt: skip
+        return y.transpose(0, 1)
+
+    return fn
+
+
 TORCH_ROWS = [
     TorchRow("Linear", lambda: bp.Linear(5, 3, rng=1), _normal((_B, 5)), _linear),
     TorchRow(
@@ -712,6 +775,51 @@ TORCH_ROWS = [
         lambda: bp.Upsample((2, 3)),
         _normal((_B, 2, 3, 4)),
         lambda x: torch.nn.Upsample(scale_factor=(2, 3), mode="nearest")(x),
+    ),
+    # -- sequences and attention: (B, T, d) --
+    TorchRow(
+        "Embedding",
+        lambda: bp.Embedding(5, 3, rng=4),
+        _ids(5, _B, 7),
+        lambda ids, W: F.embedding(ids, W),
+    ),
+    TorchRow(
+        "LayerNorm-tokens",
+        lambda: _norm_params(bp.LayerNorm(6), 7),
+        _normal((_B, 5, 6)),
+        lambda x, gamma, beta: F.layer_norm(x, (6,), gamma, beta),
+    ),
+    TorchRow(
+        "PositionalEncoding", lambda: bp.PositionalEncoding(6, 9), _normal((_B, 5, 6)), _sinusoids
+    ),
+    TorchRow("MatMul", bp.MatMul, _normal((_B, 3, 2), (_B, 2, 4)), torch.matmul),
+    TorchRow("MatMul-heads", bp.MatMul, _normal((_B, 2, 3, 5), (_B, 2, 5, 4)), torch.matmul),
+    TorchRow(
+        "Softmax-causal", lambda: bp.Softmax(causal=True), _normal((_B, 2, 4, 4)), _causal_softmax
+    ),
+    TorchRow(
+        "Softmax-key-mask",
+        lambda: bp.Softmax(masked=True),
+        _scores_and_keys((_B, 2, 3, 5), (_B, 5)),
+        _masked_softmax,
+    ),
+    TorchRow(
+        "MultiHeadAttention",
+        lambda: _norm_params(bp.MultiHeadAttention(6, 2, rng=5), 8),
+        _normal((_B, 5, 6)),
+        _mha(2),
+    ),
+    TorchRow(
+        "MultiHeadAttention-causal-key-mask",
+        lambda: _norm_params(bp.MultiHeadAttention(8, 4, causal=True, rng=6), 9),
+        _scores_and_keys((_B, 5, 8), (_B, 5)),
+        _mha(4, causal=True),
+    ),
+    TorchRow(
+        "MultiHeadAttention-nobias",
+        lambda: _norm_params(bp.MultiHeadAttention(4, 1, bias=False, rng=7), 10),
+        _normal((_B, 3, 4)),
+        _mha(1),
     ),
 ]
 

@@ -204,7 +204,7 @@ def _targets(layer: Layer, xs: list[np.ndarray], outs: Outputs, v: Any) -> Itera
         return outs.flatten(layer.forward(*args))
 
     for i, x in enumerate(xs):
-        if np.issubdtype(x.dtype, np.integer):  # labels get no gradient
+        if x.dtype.kind != "f":  # labels and masks are data: no gradient
             continue
         label = layer.inputs[i] if i < len(layer.inputs) else f"x{i}"
 

@@ -42,11 +42,12 @@ def gradcheck(
     disagreement raises ``GradcheckError`` (an ``AssertionError``) with the two
     computations side by side, labelled by what they are, at the worst entries.
 
-    ``model`` is a ``Layer`` (inputs positionally; integer inputs are labels
-    and get no gradient; a layer with several outputs, such as ``Branch``, gets
-    one ``g_out`` per output, and its Jacobian is that of the outputs stacked
-    per example) or a ``Graph`` (a ``Sequential`` is one), with its inputs by
-    name, ``gradcheck(graph, x=X, y=Y)``, positionally in declaration order
+    ``model`` is a ``Layer`` (inputs positionally; integer inputs (labels) and
+    boolean inputs (masks) are data and get no gradient; a layer with several
+    outputs, such as ``Branch``, gets one ``g_out`` per output, and its Jacobian
+    is that of the outputs stacked per example) or a ``Graph`` (a ``Sequential``
+    is one), with its inputs by name, ``gradcheck(graph, x=X, y=Y)``,
+    positionally in declaration order
     (a chain's ``x``, then its targets), or ``gradcheck(graph, {"x": X})`` when
     an input's name is one of this function's keywords. See ``gradcheck_graph``
     for what is compared for a Graph. Everything must be float64: finite

@@ -82,7 +82,7 @@ class Graph:
 
         ``requires_grad=False`` says that ``dJ/d(name)`` is never wanted: it is
         not computed and ``Gradients.inputs`` omits it. Integer inputs (class
-        labels) never get a gradient.
+        labels) and boolean ones (masks) never get a gradient.
         """
         self._check_open("input")
         if not isinstance(name, str) or not name.isidentifier():

@@ -30,9 +30,10 @@ Conventions, stated once for every class of this package:
 Modules: ``base`` (the ``Jacobian`` protocol), ``algebra`` (dispatch of ``@``
 and ``+``), ``basic`` (Dense, Diagonal, Identity, Sparse), ``structure``
 (Selection, Tile, Rows), ``conv`` (Convolution, ConvolutionTranspose,
-ConvolutionWeight), ``kronecker`` (Kronecker, KroneckerMatrix,
-RepeatedBlock), ``lowrank`` (DiagonalPlusLowRank), ``combinators`` (Product,
-Sum) and ``explicit`` (the literal product of Algorithm 14.1).
+ConvolutionWeight), ``kronecker`` (Kronecker, KroneckerMatrix, RepeatedBlock,
+BlockKronecker), ``lowrank`` (DiagonalPlusLowRank), ``selection``
+(IndexSelection), ``combinators`` (Product, Sum) and ``explicit`` (the literal
+product of Algorithm 14.1).
 
 This package knows nothing of layers.
 """
@@ -44,13 +45,14 @@ from backprop.jacobian.combinators import Product, Sum
 from backprop.jacobian.conv import Convolution, ConvolutionTranspose, ConvolutionWeight
 from backprop.jacobian.coupled import WholeBatch
 from backprop.jacobian.explicit import explicit_vjp
-from backprop.jacobian.kronecker import Kronecker, KroneckerMatrix, RepeatedBlock
+from backprop.jacobian.kronecker import BlockKronecker, Kronecker, KroneckerMatrix, RepeatedBlock
 from backprop.jacobian.lowrank import DiagonalPlusLowRank
 from backprop.jacobian.selection import IndexSelection
 from backprop.jacobian.structure import Rows, Selection, Tile
 
 __all__ = [
     "DENSE_LIMIT_BYTES",
+    "BlockKronecker",
     "Convolution",
     "ConvolutionTranspose",
     "ConvolutionWeight",

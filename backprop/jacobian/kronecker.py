@@ -1,8 +1,12 @@
-"""Kronecker structures of linear maps: ``Kronecker``, ``KroneckerMatrix``, ``RepeatedBlock``.
+"""Kronecker structures of linear maps: ``Kronecker``, ``KroneckerMatrix``,
+``RepeatedBlock``, ``BlockKronecker``.
 
 A linear map ``x_out = W x_in`` has ``L^W`` built from ``x_in`` and ``L^x``
 built from ``W``; when ``W`` acts on every position (token, pixel) of an
-example, both repeat along the positions.
+example, both repeat along the positions. A product of two data matrices
+``Y = A C`` (attention's ``Q Kᵀ`` and ``A V``) is linear in each factor, and
+each of its two Jacobians is a Kronecker product with an identity
+(``BlockKronecker``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import scipy.sparse as sp
 from backprop.jacobian.algebra import compose_rule, sum_rule
 from backprop.jacobian.base import Jacobian, csr, product_label, sum_label
 
-__all__ = ["Kronecker", "KroneckerMatrix", "RepeatedBlock"]
+__all__ = ["BlockKronecker", "Kronecker", "KroneckerMatrix", "RepeatedBlock"]
 
 
 class Kronecker(Jacobian):
@@ -71,7 +75,28 @@ class Kronecker(Jacobian):
 _ROW_ORDERS = ("positions", "channels")
 
 
-class KroneckerMatrix(Jacobian):
+class _EqualRows(Jacobian):
+    """A Jacobian built from a per-example factor ``(B, ..., n)`` whose every row stores
+    ``n`` entries, listed by ``_entries`` for some of the examples: its sparse forms."""
+
+    def _factor(self) -> np.ndarray:
+        raise NotImplementedError  # abstract
+
+    def _entries(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError  # abstract: (data, indices) row after row
+
+    def to_sparse(self, b: int = 0) -> sp.csr_array:
+        F = self._factor()
+        data, indices = self._entries(F[b : b + 1])
+        return csr(data, indices, F.shape[-1], self.shape)
+
+    def stacked_sparse(self) -> sp.csr_array:
+        F = self._factor()
+        data, indices = self._entries(F)
+        return csr(data, indices, F.shape[-1], (self.batch * self.shape[0], self.shape[1]))
+
+
+class KroneckerMatrix(_EqualRows):
     """``L^W`` of ``out[i, p] = Σ_k W[i, k] X_b[p, k]``, per example ``(m·P, m·N)``.
 
     ``X`` is ``(B, P, N)``: per example ``P`` positions of ``N`` inputs each; ``W``
@@ -139,13 +164,8 @@ class KroneckerMatrix(Jacobian):
             np.broadcast_to(cols[None, :, None, :], (B, m, P, N)).ravel(),
         )
 
-    def to_sparse(self, b: int = 0) -> sp.csr_array:
-        data, indices = self._entries(self.X[b : b + 1])
-        return csr(data, indices, self.X.shape[2], self.shape)
-
-    def stacked_sparse(self) -> sp.csr_array:
-        data, indices = self._entries(self.X)
-        return csr(data, indices, self.X.shape[2], (self.batch * self.shape[0], self.shape[1]))
+    def _factor(self) -> np.ndarray:
+        return self.X
 
     def _dense(self) -> np.ndarray:
         B, P, N = self.X.shape
@@ -214,6 +234,99 @@ class RepeatedBlock(Jacobian):
 
     def _details(self) -> str:
         return f" (I_{self.P} ⊗ {self.A.shape[0]}×{self.A.shape[1]} block)"
+
+
+_SIDES = ("left", "right")
+
+
+class BlockKronecker(_EqualRows):
+    """Per example, ``P`` blocks on the diagonal, block ``p`` a Kronecker product of a
+    matrix ``F_p`` ``(r, c)`` with an identity ``I_s``: ``I_s ⊗ F_p`` (``side="left"``,
+    the identity on the left) or ``F_p ⊗ I_s`` (``side="right"``). Each block is
+    ``(s·r, s·c)``; one example's matrix is ``(P·s·r, P·s·c)``.
+
+    These are the two Jacobians of a batch of matrix products ``Y_p = A_p C_p``
+    (``A_p`` is ``m × k``, ``C_p`` is ``k × n``). Flattening row by row,
+    ``vec(A C) = (I_m ⊗ Cᵀ) vec(A) = (A ⊗ I_n) vec(C)``, so ``L^A`` has the blocks
+    ``I_m ⊗ C_pᵀ`` and ``L^C`` the blocks ``A_p ⊗ I_n``: each entry of ``Y`` reads one
+    row of ``A`` and one column of ``C``, and nothing across the ``P`` products.
+
+    ``F`` is ``(B, P, r, c)``, one stack per example. No block is ever formed:
+    seeing ``g`` as ``P`` matrices ``G_p``, ``g L`` is ``G_p F_p`` (left, ``G_p`` is
+    ``s × r``) or ``F_pᵀ G_p`` (right, ``G_p`` is ``r × s``), one batched matrix
+    product, and ``L u`` is ``U_p F_pᵀ`` or ``F_p U_p``.
+    """
+
+    kind = "BlockKronecker"
+
+    def __init__(self, F: np.ndarray, s: int, side: str, label: str = "") -> None:
+        if F.ndim != 4:
+            raise ValueError(f"BlockKronecker: F must have shape (B, P, r, c), got {F.shape}")
+        if side not in _SIDES:
+            raise ValueError(f"BlockKronecker: side must be one of {_SIDES}, got {side!r}")
+        if s < 1:
+            raise ValueError(f"BlockKronecker: s must be a positive integer, got {s!r}")
+        B, P, r, c = F.shape
+        default = f"I_{s} ⊗ F_p" if side == "left" else f"F_p ⊗ I_{s}"
+        super().__init__((P * s * r, P * s * c), B, F.dtype, label or default)
+        self.F, self.s, self.side = F, int(s), side
+
+    def _matrices(self, a: np.ndarray, rows: int) -> np.ndarray:
+        """``a`` ``(B, P·s·rows)`` as ``P`` matrices per example, in the block's layout."""
+        B, P = self.F.shape[:2]
+        if self.side == "left":
+            return a.reshape(B, P, self.s, rows)
+        return a.reshape(B, P, rows, self.s)
+
+    def _vjp(self, g: np.ndarray) -> np.ndarray:
+        G = self._matrices(g, self.F.shape[2])
+        F = self.F
+        out = np.matmul(G, F) if self.side == "left" else np.matmul(F.swapaxes(2, 3), G)
+        return out.reshape(self.batch, -1)
+
+    def _jvp(self, u: np.ndarray) -> np.ndarray:
+        U = self._matrices(u, self.F.shape[3])
+        F = self.F
+        out = np.matmul(U, F.swapaxes(2, 3)) if self.side == "left" else np.matmul(F, U)
+        return out.reshape(self.batch, -1)
+
+    def _entries(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The CSR ``(data, indices)`` of the examples in ``F``, ``c`` entries a row."""
+        B, P, r, c = F.shape
+        s = self.s
+        block = np.arange(P)[:, None, None, None] * (s * c)
+        if self.side == "left":  # row (p, i, a): F[p, a, j] in column p·s·c + i·c + j
+            cols = block + np.arange(s)[None, :, None, None] * c + np.arange(c)
+            shape, data = (B, P, s, r, c), F[:, :, None]
+        else:  # row (p, a, i): F[p, a, j] in column p·c·s + j·s + i
+            cols = block + np.arange(s)[None, None, :, None] + np.arange(c) * s
+            shape, data = (B, P, r, s, c), F[:, :, :, None]
+        return np.broadcast_to(data, shape).ravel(), np.broadcast_to(cols, shape).ravel()
+
+    def _factor(self) -> np.ndarray:
+        return self.F
+
+    def _dense(self) -> np.ndarray:
+        B, P, r, c = self.F.shape
+        s = self.s
+        p, i = np.arange(P)[:, None], np.arange(s)[None, :]
+        values = self.F.transpose(1, 0, 2, 3)[:, None]  # (P, 1, B, r, c)
+        if self.side == "left":
+            out = np.zeros((B, P, s, r, P, s, c), dtype=self.dtype)
+            out[:, p, i, :, p, i, :] = values
+        else:
+            out = np.zeros((B, P, r, s, P, c, s), dtype=self.dtype)
+            out[:, p, :, i, p, :, i] = values
+        return out.reshape(B, *self.shape)
+
+    @property
+    def nnz(self) -> int:
+        B, P, r, c = self.F.shape
+        return P * self.s * r * c
+
+    def _details(self) -> str:
+        P, r, c = self.F.shape[1:]
+        return f" ({P} block(s) of {self.s * r}×{self.s * c})"
 
 
 # -- rules ---------------------------------------------------------------------------

@@ -81,6 +81,8 @@ class LayerNorm(Layer):
         if not shape or not all(isinstance(n, int | np.integer) and n >= 1 for n in shape):
             raise ValueError(f"LayerNorm: shape must be positive integers, got {shape!r}")
         self.shape = tuple(int(n) for n in shape)
+        self._n = int(np.prod(self.shape))  # entries of one group
+        self._means: dict[np.dtype[Any], np.ndarray] = {}
         self.eps = _positive_eps("LayerNorm", eps)
         self.affine = bool(affine)
         if self.affine:
@@ -96,35 +98,60 @@ class LayerNorm(Layer):
                 f"{', '.join(map(str, self.shape))}): the trailing axes are normalised"
             )
 
-    def _axes(self) -> tuple[int, ...]:
-        return tuple(range(-len(self.shape), 0))
-
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
-        axes = self._axes()
-        mu = x_in.mean(axis=axes, keepdims=True)
-        var = np.square(x_in - mu).mean(axis=axes, keepdims=True)
+        # On rows of n entries (one group each): the centred rows are made once and
+        # scaled in place, the variances are one einsum of row dot products.
+        n = self._n
+        X = x_in.reshape(-1, n)
+        x_hat = X - (X @ self._mean_vector(x_in.dtype))[:, None]
+        var = np.einsum("ij,ij->i", x_hat, x_hat)[:, None]
+        var /= n
         s = np.sqrt(var + np.asarray(self.eps, x_in.dtype))
-        x_hat = (x_in - mu) / s
-        op.saved["x_hat"], op.saved["s"] = x_hat, s
+        x_hat /= s
+        group = x_in.shape[: x_in.ndim - len(self.shape)] + (1,) * len(self.shape)
+        op.saved["x_hat"], op.saved["s"] = x_hat.reshape(x_in.shape), s.reshape(group)
         if not self.affine:
-            return x_hat
-        return x_hat * op.theta["gamma"] + op.theta["beta"]
+            return op.saved["x_hat"]
+        x_out = x_hat * op.theta["gamma"].reshape(n)
+        x_out += op.theta["beta"].reshape(n)
+        return x_out.reshape(x_in.shape)
 
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        x_hat, s = op.saved["x_hat"], op.saved["s"]
-        lead = tuple(range(x_hat.ndim - len(self.shape)))
+        n = self._n
+        X = op.saved["x_hat"].reshape(-1, n)
+        G = g_out.reshape(-1, n)
         grads = {}
         if self.affine:
-            grads = {"gamma": (g_out * x_hat).sum(axis=lead), "beta": g_out.sum(axis=lead)}
+            # Σ over the rows as products 1ᵀ A (gemv), much faster than column sums.
+            ones = np.ones(G.shape[0], G.dtype)
+            gx = G * X
+            grads = {
+                "gamma": (ones @ gx).reshape(self.shape),
+                "beta": (ones @ G).reshape(self.shape),
+            }
         if not input_grad:
             return None, grads
-        g = g_out * op.theta["gamma"] if self.affine else g_out
-        axes = self._axes()
-        mean_g = g.mean(axis=axes, keepdims=True)
-        mean_gx = (g * x_hat).mean(axis=axes, keepdims=True)
-        return (g - mean_g - x_hat * mean_gx) / s, grads
+        if self.affine:
+            gamma = op.theta["gamma"].reshape(n)
+            g, mean_gx = G * gamma, (gx @ gamma)[:, None]
+        else:
+            g, mean_gx = G, np.einsum("ij,ij->i", G, X)[:, None]
+        mean_gx /= n
+        g_in = X * mean_gx  # (g - mean(g) - x̂ mean(g x̂)) / s, in place
+        np.subtract(g, g_in, out=g_in)
+        g_in -= (g @ self._mean_vector(g.dtype))[:, None]
+        g_in /= op.saved["s"].reshape(-1, 1)
+        return g_in.reshape(g_out.shape), grads
+
+    def _mean_vector(self, dtype: np.dtype[Any]) -> np.ndarray:
+        """``(1/n, ..., 1/n)``: a row mean as one matrix-vector product (BLAS's gemv is
+        several times faster than numpy's mean along rows of tens of entries)."""
+        v = self._means.get(dtype)
+        if v is None:
+            v = self._means[dtype] = np.full(self._n, 1.0 / self._n, dtype)
+        return v
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x_hat, s = op.saved["x_hat"], op.saved["s"]

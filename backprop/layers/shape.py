@@ -10,6 +10,7 @@ and its ``L^x`` is a permutation matrix. The backward passes are views of
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ class Reshape(Layer):
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = tuple(shape[0])
         self.shape = tuple(int(s) for s in shape)
+        self._known = math.prod(s for s in self.shape if s != -1)  # all but the -1
         if self.shape.count(-1) > 1 or any(s < -1 or s == 0 for s in self.shape):
             raise ValueError(
                 f"Reshape: each entry of the shape must be a positive size, and at most one "
@@ -45,8 +47,8 @@ class Reshape(Layer):
             )
 
     def _check(self, x_in: np.ndarray) -> None:
-        size = int(np.prod(x_in.shape[1:], dtype=np.int64))
-        known = int(np.prod([s for s in self.shape if s != -1], dtype=np.int64))
+        size = math.prod(x_in.shape[1:])
+        known = self._known
         fits = size % known == 0 if -1 in self.shape and known else size == known
         if not fits:
             raise ValueError(
@@ -55,6 +57,9 @@ class Reshape(Layer):
             )
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+        if not x_in.flags.c_contiguous:  # a transposed view: the reshape must copy it
+            x_in = np.ascontiguousarray(x_in)
+            x_in.setflags(write=False)  # so that the view returned is read-only to its base
         return x_in.reshape(x_in.shape[0], *self.shape)
 
     def _backward(

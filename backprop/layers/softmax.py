@@ -8,7 +8,9 @@ batch, is refused: a softmax across examples would couple them). A softmax
 - Softmax: ``L^x = (diag(p) − Σ_r p_r p_rᵀ) / τ``, where ``p_r`` is ``p`` on row
   ``r`` and zero elsewhere: ``DiagonalPlusLowRank`` with one column per row
   (``d = p/τ``, ``U[:, r] = −p_r/τ``, ``V[:, r] = p_r``); rank 1,
-  ``diag(p) − p pᵀ``, when the axis is the last one and the example is one row;
+  ``diag(p) − p pᵀ``, when the axis is the last one and the example is one row.
+  With a mask (attention), ``p`` is zero at the masked entries and the same form
+  holds;
 - LogSoftmax: ``L^x = I − Σ_r 1_r p_rᵀ`` (``d = 1``, ``U[:, r] = −1_r``,
   ``V[:, r] = p_r``).
 
@@ -52,6 +54,11 @@ def _rows(shape: tuple[int, ...], a: int, dtype: Any) -> np.ndarray:
     return (row[:, None] == np.arange(R)[None, :]).astype(dtype)
 
 
+#: By item size (float32, float64): within ±bound, exp neither overflows, even summed
+#: over 10^9 entries, nor underflows below the normal numbers.
+_NO_SHIFT = {4: 64.0, 8: 600.0}
+
+
 def _check_axis(where: str, axis: Any) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
         raise TypeError(f"{where}: axis must be an integer, got {axis!r}")
@@ -59,12 +66,42 @@ def _check_axis(where: str, axis: Any) -> int:
 
 
 class Softmax(Layer):
-    """``x_out = softmax(x_in / τ)`` along ``axis`` (``torch.softmax(x / τ, dim=axis)``).
+    """``x_out = softmax(x_in / τ)`` along ``axis`` (``torch.softmax(x / τ, dim=axis)``),
+    optionally masked.
 
     Any shape ``(B, *shape)`` in and out; ``temperature`` ``τ > 0``.
+
+    Masking, for attention: a masked entry is left out of its row, whose mass goes to
+    the entries still allowed (as filling the masked scores with ``−∞`` first). Two
+    ways, which combine:
+
+    - ``causal=True``: along the last axis, entry ``[..., i, j]`` of the trailing
+      ``(T_q, T_k)`` matrices is masked when ``j > i`` (query ``i`` sees the keys up to
+      ``i``), as ``torch.nn.Transformer.generate_square_subsequent_mask`` (aligned at
+      the top left when ``T_q ≠ T_k``, as torch's ``is_causal``);
+    - ``masked=True``: the layer takes a second input ``mask``, booleans with True
+      where an entry is left out (PyTorch's convention). Its shape is ``(B, *s)``,
+      ``s`` broadcasting against one example's shape aligned at the trailing axes, as
+      numpy aligns: a key padding mask ``(B, T)`` against attention scores
+      ``(B, h, T, T)`` masks the same keys for every head and query. The mask is data:
+      it gets no gradient (``None``) and no Jacobian.
+
+    A row whose entries are all masked has no distribution to give: its output and
+    its gradient are zeros, never NaN (``exp(−∞)/0``). Masked entries are outputs
+    that no input moves, and inputs that move no output: the Jacobian keeps its form
+    below, with ``p`` zero there, so their rows and columns are zero.
     """
 
-    def __init__(self, axis: int = -1, temperature: float = 1.0) -> None:
+    mask_inputs = frozenset({"mask"})
+
+    def __init__(
+        self,
+        axis: int = -1,
+        temperature: float = 1.0,
+        *,
+        causal: bool = False,
+        masked: bool = False,
+    ) -> None:
         super().__init__()
         self.axis = _check_axis("Softmax", axis)
         if (
@@ -75,41 +112,113 @@ class Softmax(Layer):
         ):
             raise ValueError(f"Softmax: temperature must be a positive number, got {temperature!r}")
         self.temperature = float(temperature)
+        self.causal, self.masked = bool(causal), bool(masked)
+        if self.masked:
+            self.inputs = ("x_in", "mask")
+        self._triangles: dict[tuple[int, int], np.ndarray] = {}
+        self._ones: dict[tuple[int, Any], np.ndarray] = {}
 
-    def _check(self, x_in: np.ndarray) -> None:
-        _axis(self, self.axis, x_in)
-
-    def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
+    def _check(self, x_in: np.ndarray, mask: np.ndarray | None = None) -> None:
         a = _axis(self, self.axis, x_in)
-        z = x_in / np.asarray(self.temperature, x_in.dtype)
-        e = np.exp(z - z.max(axis=a, keepdims=True))
-        return e / e.sum(axis=a, keepdims=True)
+        if self.causal and (x_in.ndim < 3 or a != x_in.ndim - 1):
+            raise ValueError(
+                f"{self!r}: causal masking runs along the last axis of (B, ..., T_q, T_k) "
+                f"scores; got x_in of shape {x_in.shape} and axis {self.axis}"
+            )
+        if mask is not None:
+            s, shape = mask.shape[1:], x_in.shape[1:]
+            fits = len(s) <= len(shape) and all(
+                m in (1, n) for m, n in zip(s, shape[len(shape) - len(s) :], strict=True)
+            )
+            if not fits:
+                raise ValueError(
+                    f"{self!r}: mask of shape {mask.shape} does not broadcast against x_in of "
+                    f"shape {x_in.shape}: after the batch axis, its axes align with the last "
+                    f"axes of x_in and each is 1 or the same size"
+                )
+
+    def _blocked(self, x_in: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+        """The masked entries, broadcastable against ``x_in`` (None: nothing masked)."""
+        blocked = None
+        if mask is not None and mask.any():
+            lead = (1,) * (x_in.ndim - mask.ndim)
+            blocked = mask.reshape(mask.shape[0], *lead, *mask.shape[1:])
+        if self.causal:
+            T = x_in.shape[-2:]
+            tri = self._triangles.get(T)
+            if tri is None:
+                tri = self._triangles[T] = np.triu(np.ones(T, dtype=bool), k=1)
+            blocked = tri if blocked is None else blocked | tri
+        return blocked
+
+    def _forward(
+        self, op: OperatingPoint, x_in: np.ndarray, mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        a = _axis(self, self.axis, x_in)
+        z = x_in if self.temperature == 1.0 else x_in / np.asarray(self.temperature, x_in.dtype)
+        blocked = self._blocked(x_in, mask)
+        # The shift by each row's maximum only keeps exp from overflowing (softmax does
+        # not change). Within ±_NO_SHIFT no exp over- or underflows, and two reductions
+        # over all entries are much cheaper than one along rows of a few entries.
+        bound = _NO_SHIFT[z.dtype.itemsize]
+        shift = not (-bound <= float(z.min()) and float(z.max()) <= bound) if z.size else False
+        if blocked is not None:
+            z = np.where(blocked, -np.inf, z)
+        if shift:
+            top = z.max(axis=a, keepdims=True)
+            top[np.isneginf(top)] = 0  # a row with nothing allowed: e = 0 there
+            e = z - top
+            np.exp(e, out=e)
+        else:
+            e = np.exp(z)
+        total = self._row_sums(e, a)
+        if blocked is not None:
+            total[total == 0] = 1  # ... and x_out = 0, not 0/0
+        e /= total
+        return e
+
+    def _row_sums(self, e: np.ndarray, a: int) -> np.ndarray:
+        """``e.sum(axis=a, keepdims=True)``; along the last axis as the product with a
+        vector of ones (several times faster for rows of a few entries)."""
+        if a != e.ndim - 1:
+            return e.sum(axis=a, keepdims=True)
+        key = (e.shape[-1], e.dtype)
+        ones = self._ones.get(key)
+        if ones is None:
+            ones = self._ones[key] = np.ones(e.shape[-1], e.dtype)
+        return (e @ ones)[..., None]
 
     def _backward(
         self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
         if not input_grad:
-            return None, {}
+            return (None, None) if self.masked else None, {}
         p, a = op.x_out, _axis(self, self.axis, op.x_out)
-        gp = g_out * p
-        return (gp - p * gp.sum(axis=a, keepdims=True)) / np.asarray(self.temperature, p.dtype), {}
+        g_in = g_out * p  # p ⊙ (g − Σ_row g p), in place
+        g_in -= p * self._row_sums(g_in, a)
+        if self.temperature != 1.0:
+            g_in /= np.asarray(self.temperature, p.dtype)
+        return ((g_in, None) if self.masked else g_in), {}
 
-    def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
+    def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         p = op.x_out
         B, a, t = p.shape[0], _axis(self, self.axis, p), self.temperature
         rows = _rows(p.shape[1:], a - 1, p.dtype)
         flat = p.reshape(B, -1)
         if rows.shape[1] == 1 and t == 1.0:
-            return DiagonalPlusLowRank.softmax(flat), {}
-        tau = np.asarray(t, p.dtype)
-        U = -(flat / tau)[:, :, None] * rows[None]
-        V = flat[:, :, None] * rows[None]
-        label = "diag(p) − p pᵀ" if rows.shape[1] == 1 else "diag(p) − Σ_rows p_r p_rᵀ"
-        return DiagonalPlusLowRank(flat / tau, U, V, f"({label})/{t:g}" if t != 1 else label), {}
+            L: Jacobian = DiagonalPlusLowRank.softmax(flat)
+        else:
+            tau = np.asarray(t, p.dtype)
+            U = -(flat / tau)[:, :, None] * rows[None]
+            V = flat[:, :, None] * rows[None]
+            label = "diag(p) − p pᵀ" if rows.shape[1] == 1 else "diag(p) − Σ_rows p_r p_rᵀ"
+            L = DiagonalPlusLowRank(flat / tau, U, V, f"({label})/{t:g}" if t != 1 else label)
+        return ((L, None) if self.masked else L), {}
 
     def __repr__(self) -> str:
         t = f", temperature={self.temperature:g}" if self.temperature != 1.0 else ""
-        return f"Softmax(axis={self.axis}{t})"
+        masks = (", causal=True" if self.causal else "") + (", masked=True" if self.masked else "")
+        return f"Softmax(axis={self.axis}{t}{masks})"
 
 
 class LogSoftmax(Layer):

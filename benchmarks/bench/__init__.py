@@ -5,6 +5,8 @@
   each checked against the numpy step before it is timed;
 - ``convnets``: the digits CNN and LeNet-5, a hand-written numpy im2col step and the
   other contestants on them (``benchmarks/conv_paths.py`` times the conv products);
+- ``transformer``: one pre-norm transformer encoder block, a hand-written numpy step
+  and the other contestants on it;
 - ``timing``: interleaved timing with medians;
 - ``jacobians`` and ``memory``: the Jacobian and peak-memory cases of the large MLP;
 - ``machine``: what the run ran on;

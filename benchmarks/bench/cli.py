@@ -19,10 +19,11 @@ from .problems import DTYPES
 from .report import LABELS, print_report, write_report
 from .steps import run_step_case, torch_ok, torch_version
 from .timing import FINE, FINE_CASES
+from .transformer import run_transformer_case
 
 #: Where ``results.json`` and ``results.md`` go by default: ``benchmarks/``.
 HERE = Path(__file__).resolve().parent.parent
-ALL_CASES = ("tiny", "small", "large", "cnn", "lenet", "jacobians", "memory")
+ALL_CASES = ("tiny", "small", "large", "cnn", "lenet", "transformer", "jacobians", "memory")
 #: The Jacobian cases: (with respect to, batch).
 JACOBIAN_CASES = (("x", 1), ("x", 32), ("W1", 1))
 #: The batch whose dense ∂y/∂W1 is asked for, to show that it is refused.
@@ -75,8 +76,8 @@ def print_machine(machine: dict[str, Any]) -> None:
 
 
 def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, Any]]:
-    """The step cases asked for (MLPs, then convnets), in every dtype asked for, then the
-    Jacobian cases."""
+    """The step cases asked for (MLPs, convnets, the transformer block), in every dtype
+    asked for, then the Jacobian cases."""
     results: list[dict[str, Any]] = []
     for size in ("tiny", "small", "large", *CONV_NETS):
         if size in args.cases:
@@ -85,6 +86,10 @@ def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, A
             for dt in (DTYPES[d] for d in args.dtypes):
                 print(f"timing {size} step, {dt.name} ...", flush=True)
                 results.append(run(size, dt, args.repeats * fine, target / fine))
+    if "transformer" in args.cases:
+        for dt in (DTYPES[d] for d in args.dtypes):
+            print(f"timing transformer step, {dt.name} ...", flush=True)
+            results.append(run_transformer_case(dt, args.repeats, target))
     if "jacobians" in args.cases:
         for wrt, batch in JACOBIAN_CASES:
             print(f"timing ∂y/∂{wrt}, batch {batch} ...", flush=True)

@@ -21,8 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import backprop as bp
 
 from .problems import LR
-from .steps import EngineStep, check_first_step, importable, torch_ok
-from .timing import check_note, time_against
+from .steps import EngineStep, checked_timings, importable, torch_ok
 
 Spec = tuple[Any, ...]
 
@@ -415,13 +414,7 @@ def conv_contestants(p: ConvProblem) -> dict[str, Callable[[ConvProblem], Any]]:
 def run_conv_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) -> dict[str, Any]:
     """Check, then time, one training step of every contestant on the convnet ``name``."""
     p = make_conv_problem(name, dtype)
-    checks: dict[str, str] = {}
-    fns: dict[str, Callable[[], Any]] = {}
-    for cname, factory in conv_contestants(p).items():
-        ok, msg = check_first_step(factory, p, reference=NumpyConvStep)
-        checks[cname] = check_note(ok, msg)
-        if ok:
-            fns[cname] = factory(p).step
+    checks, timings = checked_timings(conv_contestants(p), p, NumpyConvStep, repeats, target)
     return {
         "case": f"{name} step",
         "size": name,
@@ -430,5 +423,5 @@ def run_conv_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) 
         "batch": p.batch,
         "loss": "softmax CE",
         "checks": checks,
-        "timings": time_against(fns, "numpy", repeats, target),
+        "timings": timings,
     }

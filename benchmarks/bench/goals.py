@@ -36,6 +36,8 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
             ),
         )
     ),
+    ("transformer step", ("float64",), (("engine", "torch", 1.0, "engine / PyTorch"),)),
+    ("transformer step", ("float32",), (("engine", "torch", 1.5, "engine / PyTorch"),)),
     *(
         (
             case,

@@ -242,16 +242,29 @@ def check_first_step(
     return True, f"max rel. error {worst:.1e}"
 
 
-def run_step_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) -> dict[str, Any]:
-    """Check, then time, one training step of every contestant on the problem ``name``."""
-    p = make_problem(name, dtype)
+def checked_timings(
+    contestants: dict[str, Callable[[Any], Any]],
+    p: Any,
+    reference: Callable[[Any], Any],
+    repeats: int,
+    target: float,
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Each contestant's first step checked against ``reference`` (what the check
+    said, by name), then the steps of those that passed timed against ``"numpy"``."""
     checks: dict[str, str] = {}
     fns: dict[str, Callable[[], Any]] = {}
-    for cname, factory in step_contestants(p).items():
-        ok, msg = check_first_step(factory, p)
+    for cname, factory in contestants.items():
+        ok, msg = check_first_step(factory, p, reference=reference)
         checks[cname] = check_note(ok, msg)
         if ok:
             fns[cname] = factory(p).step
+    return checks, time_against(fns, "numpy", repeats, target)
+
+
+def run_step_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) -> dict[str, Any]:
+    """Check, then time, one training step of every contestant on the problem ``name``."""
+    p = make_problem(name, dtype)
+    checks, timings = checked_timings(step_contestants(p), p, NumpyStep, repeats, target)
     return {
         "case": f"{name} step",
         "size": name,
@@ -260,5 +273,5 @@ def run_step_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) 
         "batch": p.batch,
         "loss": "L2" if p.loss == "l2" else "softmax CE",
         "checks": checks,
-        "timings": time_against(fns, "numpy", repeats, target),
+        "timings": timings,
     }
