@@ -50,7 +50,9 @@ class History:
     minibatches (weighted by their sizes) as the parameters moved;
     ``val_loss`` and ``val_accuracy`` are measured on the validation set at the
     end of each epoch. An accuracy is NaN when the task is not classification
-    (labels not integers, or predictions not ``(B, C)``); the validation lists
+    (labels not integers). For sequences or images, logits ``(B, C, d1, ...)`` with
+    labels ``(B, d1, ...)`` (``SoftmaxCrossEntropy``'s class axis 1), it is the
+    fraction of labelled positions that are right (token accuracy); the validation lists
     are empty when no validation set was given. ``seconds`` is the wall time
     since the start of training, at the end of each epoch.
     """
@@ -141,17 +143,20 @@ class _Net:
             y_hat = self.predict(xb)
             total += float(self.loss.forward(y_hat, yb, cache=False)) * xb.shape[0]
             correct += _n_correct(y_hat, yb)
-        return total / n, (correct / n if _is_classification(y) else math.nan)
+        return total / n, (correct / y.size if _is_classification(y) else math.nan)
 
 
 def _is_classification(y: np.ndarray) -> bool:
-    return np.issubdtype(y.dtype, np.integer) and y.ndim == 1
+    """Integer labels: one per example ``(B,)``, or one per position ``(B, d1, ...)``."""
+    return np.issubdtype(y.dtype, np.integer) and y.ndim >= 1
 
 
 def _n_correct(y_hat: np.ndarray, y: np.ndarray) -> int:
-    if y_hat.ndim != 2 or not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+    """How many labelled positions the logits ``y_hat`` ``(B, C, d1, ...)`` get right
+    (class axis 1, as ``SoftmaxCrossEntropy``); 0 when they are not such logits."""
+    if not _is_classification(y) or y_hat.shape[:1] + y_hat.shape[2:] != y.shape:
         return 0
-    return int(np.sum(np.argmax(y_hat, axis=1) == y))
+    return int(np.count_nonzero(np.argmax(y_hat, axis=1) == y))
 
 
 # ------------------------------------------------------------------ progress
@@ -391,7 +396,7 @@ def _record(
     n = plan.X.shape[0]
     history.epoch.append(len(history.epoch) + 1)
     history.train_loss.append(total / n)
-    history.train_accuracy.append(correct / n if _is_classification(plan.y) else math.nan)
+    history.train_accuracy.append(correct / plan.y.size if _is_classification(plan.y) else math.nan)
     if plan.val is not None:
         val_loss, val_acc = plan.net.evaluate(*plan.val, batch_size=max(plan.batch_size, 256))
         history.val_loss.append(val_loss)
@@ -528,21 +533,30 @@ def _chunks(model: Any, X: Any, batch_size: int, where: str) -> Iterator[np.ndar
 
 
 def accuracy(model: Any, X: Any, y: Any, *, batch_size: int = 1024) -> float:
-    """The fraction of examples whose largest output is at the label: ``mean(argmax = y)``.
+    """The fraction of labels the largest output hits: ``mean(argmax = y)``.
 
-    The model runs on chunks of ``batch_size`` examples; only the count of correct
-    predictions is kept from each, so no output for the whole of ``X`` is ever held.
+    ``y`` is ``(N,)`` for outputs ``(N, C)``, or ``(N, d1, ...)`` for outputs ``(N, C,
+    d1, ...)`` (a label per token or pixel, class axis 1): then it is the fraction of
+    all ``y.size`` labelled positions (token accuracy). The model runs on chunks of
+    ``batch_size`` examples; only the count of correct predictions is kept from each,
+    so no output for the whole of ``X`` is ever held.
     """
     X, y = as_array("accuracy", "X", X), as_array("accuracy", "y", y)
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.shape[0] != X.shape[0]:
+    n = X.shape[0] if X.ndim else "?"
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim == 0 or y.shape[0] != n:
         raise ValueError(
-            f"accuracy: y must be integer labels of shape ({X.shape[0] if X.ndim else '?'},), "
-            f"got dtype {y.dtype} and shape {y.shape}"
+            f"accuracy: y must be integer labels of shape ({n},) or ({n}, d1, ...), got dtype "
+            f"{y.dtype} and shape {y.shape}"
         )
     correct, start = 0, 0
     for y_hat in _chunks(model, X, batch_size, "accuracy"):
-        if y_hat.ndim != 2:
-            raise ValueError(f"accuracy: the model's output has shape {y_hat.shape}, not (N, C)")
-        correct += int(np.count_nonzero(np.argmax(y_hat, axis=1) == y[start : start + len(y_hat)]))
+        part = y[start : start + len(y_hat)]
+        if y_hat.shape[:1] + y_hat.shape[2:] != part.shape:
+            want = "(N, C)" if y.ndim == 1 else f"(N, C, {', '.join(map(str, y.shape[1:]))})"
+            raise ValueError(
+                f"accuracy: the model's output has shape {y_hat.shape}, not {want} for labels "
+                f"of shape {y.shape} (classes on axis 1)"
+            )
+        correct += int(np.count_nonzero(np.argmax(y_hat, axis=1) == part))
         start += len(y_hat)
-    return correct / X.shape[0]
+    return correct / y.size

@@ -251,6 +251,45 @@ def test_a_graph_ending_in_its_loss_trains_like_a_sequential() -> None:
     assert bp.predict(g, X).shape == (32, 2)  # the prediction, without the targets
 
 
+def token_tagger(n: int, d: int, n_classes: int, seed: int = 0) -> bp.Graph:
+    """Token ids ``(B, T)`` to logits ``(B, C, T)``: one class per token."""
+    rng = np.random.default_rng(seed)
+    g = bp.Graph()
+    h = g.add(bp.Embedding(n, d, rng=rng), g.input("ids"))
+    h = g.add(bp.Linear(d, n_classes, rng=rng), h)
+    g.output(g.add(bp.Transpose((1, 0)), h))
+    return g
+
+
+def test_accuracy_of_a_label_per_token_counts_positions() -> None:
+    rng = np.random.default_rng(5)
+    g = bp.Graph()
+    g.output(g.add(bp.Transpose((1, 0)), g.add(bp.Embedding(4, 4, W=np.eye(4)), g.input("ids"))))
+    ids = rng.integers(0, 4, size=(7, 5))  # the logits are one-hot(id): argmax is the id
+    labels = np.where(rng.random((7, 5)) < 0.5, ids, (ids + 1) % 4)
+    expected = np.mean(labels == ids)
+    assert 0.2 < expected < 0.8
+    assert bp.accuracy(g, ids, labels, batch_size=3) == expected
+    with pytest.raises(ValueError, match=r"output has shape \(3, 4, 5\), not \(N, C, 6\)"):
+        bp.accuracy(g, ids, np.zeros((7, 6), dtype=int), batch_size=3)
+
+
+def test_fit_records_token_accuracy(capsys) -> None:
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 6, size=(120, 4))
+    tags = ids % 3  # the class of each token is its id mod 3
+    net = token_tagger(6, 4, 3)
+    history = bp.fit(
+        net, ids[:90], tags[:90], epochs=15, batch_size=16, optimizer=bp.Adam(net, lr=0.05),
+        validation=(ids[90:], tags[90:]), progress="plain",
+    )  # fmt: skip
+    W_e, W, b = (p.value for p in net.parameters())
+    by_hand = np.mean(np.argmax(W_e[ids[90:]] @ W.T + b, axis=-1) == tags[90:])
+    assert history.val_accuracy[-1] == by_hand == bp.accuracy(net, ids[90:], tags[90:])
+    assert by_hand == 1.0 and 0 < history.train_accuracy[0] <= 1
+    assert " acc " in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_accuracy_checks_labels() -> None:
     net = mlp()
     with pytest.raises(ValueError, match="integer labels"):
