@@ -54,13 +54,16 @@ def _parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="train an MLP (figure 14.1) or a CNN on the 8×8 digits, gradcheck it, write figures",
+        help="train an MLP (figure 14.1) or a CNN on the 8×8 digits, or a transformer that "
+        "reverses digit sequences; gradcheck it, write figures",
         description=(
             "Train Linear → ReLU → Linear → SoftmaxCrossEntropy (--model mlp, the default) or "
             "Conv2d → ReLU → MaxPool2d → Conv2d → ReLU → Flatten → Linear → "
-            "SoftmaxCrossEntropy (--model cnn) on the real 8×8 handwritten digits, run the "
-            "three-way gradcheck on the trained network, write figures, and end with the "
-            "line 'test accuracy: 0.xx'."
+            "SoftmaxCrossEntropy (--model cnn) on the real 8×8 handwritten digits, or a "
+            "one-block transformer that learns to reverse sequences of 8 digits (--model "
+            "transformer); run the three-way gradcheck on the trained network, write figures, "
+            "and end with the line 'test accuracy: 0.xx' (for the transformer: of the digits "
+            "of held-out sequences)."
         ),
         formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
@@ -98,7 +101,8 @@ def _training_arguments(demo: argparse.ArgumentParser) -> None:
         "--model",
         choices=MODELS,
         default="mlp",
-        help="the network: mlp (figure 14.1) or cnn (two conv layers, max pooling)",
+        help="the network: mlp (figure 14.1), cnn (two conv layers, max pooling) or "
+        "transformer (attention over digit sequences)",
     )
     demo.add_argument(
         "--hidden",
@@ -150,7 +154,7 @@ def _run_arguments(demo: argparse.ArgumentParser) -> None:
         "--no-augment",
         dest="augment",
         action="store_false",
-        help="train on the images as they are, without the one-pixel shifted copies",
+        help="train on the images as they are, without the one-pixel shifted copies (mlp, cnn)",
     )
     demo.add_argument(
         "--gradcheck-examples",

@@ -75,6 +75,14 @@ _SHARED: dict[str, Any] = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (256,), **_SHARED},
     "cnn": dict(_SHARED),
+    # backprop.demo_transformer: reversing digit sequences; seeds 0-3 measured (README)
+    "transformer": {
+        **_SHARED,
+        "epochs": 12,
+        "lr": 3e-3,
+        "weight_decay": 0.0,
+        "gradcheck_examples": 1,
+    },  # fmt: skip
 }
 MODELS = tuple(DEFAULTS)
 
@@ -289,6 +297,26 @@ def _check_gradients(
     return report.worst, None
 
 
+def check_and_draw(
+    net: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    mode: str,
+    plt: Any,
+    folder: Path | None,
+    say: Callable[[str], None],
+    draw: Callable[[Path], list[Path]],
+) -> tuple[float | None, GradcheckError | None, list[Path]]:
+    """The end of every demo: the three-way check of the trained ``net`` on ``X`` (see
+    ``_check_gradients``), then its figures, ``draw(folder)``, or the line saying they
+    were skipped. Returns ``(worst error, the failure or None, the figures written)``."""
+    worst, failure = _check_gradients(net, X, y, say, mode)
+    if plt is None or folder is None:
+        say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
+        return worst, failure, []
+    return worst, failure, draw(folder)
+
+
 _TITLES = {
     "mlp": "a multilayer perceptron (figure 14.1)",
     "cnn": "a convolutional network (each conv layer a linear layer whose W is Toeplitz)",
@@ -348,6 +376,10 @@ def run(
     def say(line: str = "") -> None:
         print(line, file=stream, flush=True)
 
+    if model == "transformer":
+        from backprop.demo_transformer import run_transformer
+
+        return run_transformer(s, plt, folder, say, progress=progress, file=stream)
     start = time.perf_counter()
     X, y = load_digits()
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_fraction=0.25, rng=s["seed"])
@@ -389,12 +421,10 @@ def run(
 
     mode = CNN_GRADCHECK_MODE if model == "cnn" else "auto"
     checked = X_test[: s["gradcheck_examples"]]
-    worst, failure = _check_gradients(net, checked, y_test, say, mode)
-    if plt is None or folder is None:
-        say("figures skipped: matplotlib is not installed (pip install 'backprop[plot]')")
-        figures = []
-    else:
-        figures = _figures(plt, net, history, X_test, y_test, folder, say)
+    worst, failure, figures = check_and_draw(
+        net, checked, y_test, mode, plt, folder, say,
+        lambda out: _figures(plt, net, history, X_test, y_test, out, say),
+    )  # fmt: skip
     test_acc = accuracy(net, X_test, y_test)
     seconds = time.perf_counter() - start
     correct = round(test_acc * X_test.shape[0])

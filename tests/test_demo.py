@@ -87,7 +87,9 @@ def test_default_cnn_demo_reaches_98_5_percent(tmp_path) -> None:
 def test_run_refuses_hidden_for_the_cnn_and_an_unknown_model(tmp_path, capsys) -> None:
     with pytest.raises(DemoError, match="hidden: sets the MLP's hidden layers; .* 'cnn'"):
         run(model="cnn", hidden=(16,), out=tmp_path / "figs")
-    with pytest.raises(DemoError, match="model: must be one of mlp, cnn, got 'resnet'"):
+    with pytest.raises(
+        DemoError, match="model: must be one of mlp, cnn, transformer, got 'resnet'"
+    ):
         run(model="resnet", out=tmp_path / "figs")
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "figs").exists()
@@ -117,7 +119,7 @@ def test_help_lists_the_options() -> None:
         "--seed",
         "--out",
         "{sgd,momentum,adam}",
-        "--model {mlp,cnn}",
+        "--model {mlp,cnn,transformer}",
         "(--model mlp only)",
     ):
         assert option in demo.stdout

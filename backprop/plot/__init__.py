@@ -16,23 +16,30 @@ from the left (eq. 14.8 and 14.10).
 - ``conv``: ``plot_filters``, a convolution's kernels, and ``plot_toeplitz``, its
   ``L^x`` as the doubly-block Toeplitz matrix next to the kernel it repeats;
 - ``dag``: ``draw_graph`` and ``to_dot``, a model as a DAG (read by ``_view``,
-  placed by ``_layout``).
+  placed by ``_layout``);
+- ``attention``: ``plot_attention``, the attention matrix of each head;
+- ``mixing``: ``plot_three_matrices``, ``∂Y/∂X`` of a token-wise Linear, a convolution
+  over tokens and self-attention side by side (the transformers chapter's comparison).
 """
 
+from backprop.plot.attention import plot_attention
 from backprop.plot.conv import plot_filters, plot_toeplitz
 from backprop.plot.dag import draw_graph, to_dot
 from backprop.plot.history import plot_history
 from backprop.plot.inputs import plot_input_gradients
 from backprop.plot.jacobians import plot_backward_step, plot_jacobian, plot_sparsity
+from backprop.plot.mixing import plot_three_matrices
 
 __all__ = [
     "draw_graph",
+    "plot_attention",
     "plot_backward_step",
     "plot_filters",
     "plot_history",
     "plot_input_gradients",
     "plot_jacobian",
     "plot_sparsity",
+    "plot_three_matrices",
     "plot_toeplitz",
     "to_dot",
 ]
