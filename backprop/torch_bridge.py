@@ -10,10 +10,22 @@ modules (tied weights) is one Parameter on the other side too. BatchNorm's
 running statistics come along; dropout masks do not (each side draws its own).
 
 One row of ``ROWS`` per kind of layer says how to convert it each way, so a
-layer added later (``Embedding``, ``MultiHeadAttention``) is one more row, or a
-call to ``register``. A module with no row, or with a setting the engine does
-not have (``ceil_mode=True``, ``padding_mode="reflect"``, a Softplus with
-``beta != 1``, ...), is refused with an error that names it and its place.
+layer added later is one more row, or a call to ``register``. A module with no
+row, or with a setting the engine does not have (``ceil_mode=True``,
+``padding_mode="reflect"``, a Softplus with ``beta != 1``, ...), is refused with
+an error that names it and its place.
+
+Sequences: ``nn.Embedding`` is ``Embedding`` (without ``padding_idx``,
+``max_norm``, ``scale_grad_by_freq`` or ``sparse``), and ``nn.MultiheadAttention``
+with ``batch_first=True`` is ``MultiHeadAttention`` run as self-attention,
+``mha(x, x, x)`` (no dropout, no ``add_bias_kv``, no ``add_zero_attn``, keys and
+values of the query's width). Its ``in_proj_weight`` ``[Wq; Wk; Wv]`` is split into
+three Parameters and stacked again on the way back, so a tie between two attention
+modules holds when it ties all three (or the stacked tensor). torch's module takes
+its masks at each call, not as settings: a causal ``MultiHeadAttention`` is refused
+by ``to_torch`` (the module would attend everywhere), and the module that
+``to_torch`` returns is called ``mha(x, x, x, need_weights=False)[0]``, so it cannot
+run inside an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -33,12 +45,14 @@ from backprop.layers import (
     Conv2d,
     ConvTranspose2d,
     Dropout,
+    Embedding,
     Flatten,
     LayerNorm,
     LeakyReLU,
     Linear,
     LogSoftmax,
     MaxPool2d,
+    MultiHeadAttention,
     ReLU,
     Sigmoid,
     Softmax,
@@ -85,6 +99,8 @@ class _Converter:
         self.torch, self.nn = torch, torch.nn
         self._params: dict[int, Parameter] = {}
         self._tensors: dict[int, Any] = {}
+        self._row_params: dict[int, list[Parameter]] = {}
+        self._stacked: dict[tuple[int, ...], Any] = {}
         self.where = ""
 
     def param(self, t: Any) -> Parameter:
@@ -105,6 +121,24 @@ class _Converter:
             value = np.array(p.value, copy=True)
             self._tensors[id(p)] = self.nn.Parameter(self.torch.from_numpy(value))
         return self._tensors[id(p)]
+
+    def params_of_rows(self, t: Any, parts: tuple[str, ...]) -> dict[str, Parameter]:
+        """Parameters for the equal row blocks of torch tensor ``t``, named ``parts``
+        (``in_proj_weight`` as ``Wq``, ``Wk``, ``Wv``): copies, the same ones for the
+        same tensor."""
+        if id(t) not in self._row_params:
+            blocks = np.split(self.param(t).value, len(parts))
+            self._row_params[id(t)] = [Parameter(b.copy()) for b in blocks]
+        return dict(zip(parts, self._row_params[id(t)], strict=True))
+
+    def stacked(self, ps: list[Parameter]) -> Any:
+        """The ``torch.nn.Parameter`` stacking the values of ``ps`` by rows, the same
+        one for the same Parameters."""
+        key = tuple(id(p) for p in ps)
+        if key not in self._stacked:
+            value = np.concatenate([p.value for p in ps])
+            self._stacked[key] = self.nn.Parameter(self.torch.from_numpy(value))
+        return self._stacked[key]
 
     def buffer(self, a: np.ndarray) -> Any:
         return self.torch.from_numpy(np.array(a, copy=True))
@@ -281,6 +315,60 @@ def _upsample(m: Any, c: _Converter) -> Layer:
     return Upsample(tuple(int(s) for s in pair))
 
 
+def _embedding(m: Any, c: _Converter) -> Layer:
+    for name in ("padding_idx", "max_norm"):
+        if getattr(m, name) is not None:
+            raise c.refuse(f"{name}={getattr(m, name)!r} is not supported (only None)")
+    _require(c, m, scale_grad_by_freq=False, sparse=False)
+    W = c.param(m.weight)
+    return Embedding(m.num_embeddings, m.embedding_dim, W=W)
+
+
+def _embedding_back(layer: Any, c: _Converter) -> Any:
+    m = c.nn.Embedding(layer.n, layer.d, device="meta")
+    return _with_params(m, c, weight=layer.params["W"])
+
+
+def _attention(m: Any, c: _Converter) -> Layer:
+    _require(c, m, batch_first=True, dropout=0.0, add_zero_attn=False)
+    if m.bias_k is not None:
+        raise c.refuse("add_bias_kv=True is not supported (only False)")
+    if not m._qkv_same_embed_dim:
+        raise c.refuse(
+            f"kdim={m.kdim}, vdim={m.vdim} are not supported: self-attention reads keys and "
+            f"values of the query's width, embed_dim={m.embed_dim}"
+        )
+    bias = m.in_proj_bias is not None
+    if bias != (m.out_proj.bias is not None):
+        raise c.refuse("an in-projection and out-projection that differ in having a bias")
+    P = c.params_of_rows(m.in_proj_weight, ("Wq", "Wk", "Wv"))
+    P["Wo"] = c.param(m.out_proj.weight)
+    if bias:
+        P.update(c.params_of_rows(m.in_proj_bias, ("bq", "bk", "bv")), bo=c.param(m.out_proj.bias))
+    dtype = P["Wq"].value.dtype
+    layer = MultiHeadAttention(m.embed_dim, m.num_heads, bias=bias, dtype=dtype)
+    layer.params.update(P)
+    layer.graph = layer._build(dtype)  # its inner graph reads the Parameters just given
+    return layer
+
+
+def _attention_back(layer: Any, c: _Converter) -> Any:
+    if layer.causal:
+        raise c.refuse(
+            "causal=True has no torch.nn.MultiheadAttention setting: torch takes the causal "
+            "mask at each call (attn_mask), and the module would attend to every key"
+        )
+    m = c.nn.MultiheadAttention(
+        layer.d, layer.n_heads, bias=layer.bias, batch_first=True, device="meta"
+    )
+    P = layer.params
+    m.in_proj_weight = c.stacked([P["Wq"], P["Wk"], P["Wv"]])
+    _with_params(m.out_proj, c, weight=P["Wo"], bias=P.get("bo"))
+    if layer.bias:
+        m.in_proj_bias = c.stacked([P["bq"], P["bk"], P["bv"]])
+    return m
+
+
 def _simple(make: Callable[[], Layer]) -> Callable[[Any, _Converter], Layer]:
     return lambda m, c: make()
 
@@ -310,6 +398,8 @@ for _row in [
     Row("LayerNorm", LayerNorm, _layernorm, _layernorm_back),
     Row("Dropout", Dropout, lambda m, c: Dropout(m.p), lambda layer, c: c.nn.Dropout(layer.p)),
     Row("Flatten", Flatten, _flatten, _module("Flatten")),
+    Row("Embedding", Embedding, _embedding, _embedding_back),
+    Row("MultiheadAttention", MultiHeadAttention, _attention, _attention_back),
     Row("Softmax", Softmax, _softmax(Softmax), _softmax_back),
     Row("LogSoftmax", LogSoftmax, _softmax(LogSoftmax), _softmax_back),
     Row(

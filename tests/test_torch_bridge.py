@@ -3,6 +3,7 @@ bit for bit both ways, ties kept, and a clear refusal of what has no row."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,153 @@ def test_importing_backprop_does_not_import_torch() -> None:
         env={"PYTHONPATH": str(ROOT), "PATH": ""},
     )
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ sequences
+
+
+def test_an_embedding_crosses_both_ways() -> None:
+    torch.manual_seed(2)
+    module = nn.Embedding(7, 5).double()
+    net = bp.from_torch(module)
+    assert isinstance(net[0], bp.Embedding)
+    assert np.array_equal(net[0].params["W"].value, module.weight.detach().numpy())
+    ids = np.random.default_rng(3).integers(0, 7, size=(4, 6))
+    y_t = module(torch.tensor(ids))
+    y = net.forward(ids)
+    close(y, y_t)
+    g = np.random.default_rng(4).standard_normal(y.shape)
+    y_t.backward(torch.tensor(g))
+    grads = net.backward(g)
+    assert grads.inputs.get("x") is None  # ids are data: no gradient
+    close(grads.params[net[0].params["W"]], module.weight.grad)  # repeated ids add up
+    back = bp.to_torch(net)
+    assert type(back[0]) is nn.Embedding and back[0].weight.dtype == torch.float64
+    assert torch.equal(back[0].weight, module.weight)
+    net32 = bp.from_torch(nn.Embedding(3, 2))
+    assert net32[0].params["W"].dtype == np.float32
+    assert bp.to_torch(net32)[0].weight.dtype == torch.float32
+
+
+def random_attention(d: int, heads: int, bias: bool, seed: int) -> Any:
+    """A float64 torch ``MultiheadAttention`` with every weight and bias drawn (torch
+    starts the biases at zero, which would leave their mapping untested)."""
+    torch.manual_seed(seed)
+    module = nn.MultiheadAttention(d, heads, bias=bias, batch_first=True).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    return module
+
+
+def attend(module: Any, x: np.ndarray, g: np.ndarray) -> tuple[Any, Any]:
+    """torch's self-attention ``module(x, x, x)`` and ``dJ/dx`` for ``J = <g, y>``."""
+    x_t = torch.tensor(x, requires_grad=True)
+    y_t, _ = module(x_t, x_t, x_t, need_weights=False)
+    y_t.backward(torch.tensor(g))
+    return y_t, x_t.grad
+
+
+def attention_grads(module: Any) -> dict[str, Any]:
+    """torch's gradients under the engine's parameter names."""
+    d = module.embed_dim
+    W = module.in_proj_weight.grad
+    out = {"Wq": W[:d], "Wk": W[d : 2 * d], "Wv": W[2 * d :], "Wo": module.out_proj.weight.grad}
+    if module.in_proj_bias is not None:
+        b = module.in_proj_bias.grad
+        out.update(bq=b[:d], bk=b[d : 2 * d], bv=b[2 * d :], bo=module.out_proj.bias.grad)
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_multihead_attention_crosses_both_ways(bias: bool) -> None:
+    module = random_attention(8, 2, bias, seed=5)
+    net = bp.from_torch(module)
+    mha = net[0]
+    assert isinstance(mha, bp.MultiHeadAttention) and (mha.d, mha.n_heads) == (8, 2)
+    W = module.in_proj_weight.detach().numpy()
+    for i, name in enumerate(("Wq", "Wk", "Wv")):
+        assert np.array_equal(mha.params[name].value, W[8 * i : 8 * (i + 1)])
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 5, 8))
+    y = net.forward(x)
+    g = rng.standard_normal(y.shape)
+    y_t, gx_t = attend(module, x, g)
+    grads = net.backward(g)
+    close(y, y_t)
+    close(grads.inputs["x"], gx_t)
+    theirs = attention_grads(module)
+    assert set(theirs) == set(mha.params)
+    scale = max(float(t.abs().max()) for t in theirs.values())
+    for name, t in theirs.items():  # torch's dJ/db_k is zero up to rounding
+        close(grads.params[mha.params[name]], t, scale)
+
+    back = bp.to_torch(net)[0]
+    assert type(back) is nn.MultiheadAttention and back.batch_first
+    theirs_back, ours_back = back.state_dict(), module.state_dict()
+    assert theirs_back.keys() == ours_back.keys()
+    for k in ours_back:
+        assert torch.equal(theirs_back[k], ours_back[k]), k
+    close(attend(back, x, g)[0].detach().numpy(), y_t)
+
+
+def test_embedding_then_attention_converts_as_a_chain() -> None:
+    torch.manual_seed(7)
+    module = nn.Sequential(nn.Embedding(10, 8).double(), random_attention(8, 4, True, seed=8))
+    net = bp.from_torch(module)  # torch cannot call this chain (attention takes x, x, x) ...
+    ids = np.random.default_rng(9).integers(0, 10, size=(2, 6))
+    h = module[0](torch.tensor(ids))
+    y_t, _ = module[1](h, h, h, need_weights=False)
+    close(net.forward(ids), y_t)  # ... but the engine's chain is the same function
+    assert len(net.parameters()) == 1 + 8
+
+
+def test_a_causal_attention_and_torch_only_settings_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"causal=True has no torch.nn.MultiheadAttention"):
+        bp.to_torch(bp.MultiHeadAttention(4, 2, causal=True))
+    bad = [
+        (nn.MultiheadAttention(4, 2), "batch_first=False is not supported"),
+        (nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True), "dropout=0.1"),
+        (nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True), "add_bias_kv=True"),
+        (nn.MultiheadAttention(4, 2, add_zero_attn=True, batch_first=True), "add_zero_attn"),
+        (nn.MultiheadAttention(4, 2, kdim=3, batch_first=True), "kdim=3, vdim=4"),
+        (nn.Embedding(5, 2, padding_idx=0), "padding_idx=0 is not supported"),
+        (nn.Embedding(5, 2, max_norm=1.0), "max_norm=1.0"),
+        (nn.Embedding(5, 2, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+        (nn.Embedding(5, 2, sparse=True), "sparse=True"),
+    ]
+    for module, words in bad:
+        with pytest.raises(TypeError, match=re.escape(words)):
+            bp.from_torch(nn.Sequential(module))
+
+
+def test_an_engine_attention_goes_to_torch_with_its_gradients() -> None:
+    rng = np.random.default_rng(10)
+    mha = bp.MultiHeadAttention(6, 3, rng=rng)
+    for p in mha.params.values():  # biases drawn too
+        p.value = 0.5 * rng.standard_normal(p.shape)
+    module = bp.to_torch(mha)[0]
+    x = rng.standard_normal((2, 4, 6))
+    y = mha.forward(x)
+    g = rng.standard_normal(y.shape)
+    g_x, grads = mha.backward(g)
+    y_t, gx_t = attend(module, x, g)
+    close(y, y_t)
+    close(g_x, gx_t)
+    theirs = attention_grads(module)
+    scale = max(float(t.abs().max()) for t in theirs.values())
+    for name, t in theirs.items():
+        close(grads[name], t, scale)
+
+
+def test_attention_modules_tied_in_torch_stay_tied() -> None:
+    first = random_attention(4, 2, True, seed=11)
+    second = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    second.in_proj_weight = first.in_proj_weight  # the same [Wq; Wk; Wv]
+    net = bp.from_torch(nn.Sequential(first, second))
+    for name in ("Wq", "Wk", "Wv"):
+        assert net[0].params[name] is net[1].params[name]
+    assert net[0].params["Wo"] is not net[1].params["Wo"]
+    back = bp.to_torch(net)
+    assert back[0].in_proj_weight is back[1].in_proj_weight
+    assert back[0].out_proj.weight is not back[1].out_proj.weight
