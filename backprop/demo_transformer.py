@@ -58,11 +58,12 @@ __all__ = [
 
 TASKS = ("reverse", "sort")
 
-#: The trained transformer is checked entry by entry. Its predictions are so sure
-#: (probabilities within about 1e-5 of 1) that the cost is a difference of numbers
-#: near 1, rounded in steps of 2^-52: along a random direction of a whole Parameter
-#: that rounding swamps the tiny change of the cost at every step the directions mode
-#: tries, and it gives up; entry by entry each difference is large enough to read.
+#: The trained transformer is checked entry by entry, which takes seconds where the
+#: directions mode (what ``"auto"`` picks for 9,258 parameters) takes a fraction of one.
+#: Trained longer than the default, its predictions get so sure (probabilities within
+#: about 1e-5 of 1) that the cost changes by little more than its rounding along a random
+#: direction of a whole Parameter, at every step the directions mode tries, and that
+#: mode reports it cannot check; entry by entry every difference stays readable.
 GRADCHECK_MODE = "entries"
 
 #: The demo's model and data: vocabulary (the ten digits), sequence length, width,
