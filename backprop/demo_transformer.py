@@ -171,6 +171,26 @@ def _figures(
     return written
 
 
+def _announce(
+    say: Any, model: Graph, opt: Any, s: dict[str, Any], n_train: int, n_test: int
+) -> None:
+    """The lines before training: the task, the data, the model, the settings."""
+    shape, T = TRANSFORMER_SHAPE, TRANSFORMER_SHAPE["length"]
+    say(
+        f"backprop demo: a transformer ({shape['n_blocks']} pre-norm encoder block, "
+        f"{shape['n_heads']} heads, d = {shape['d']}) that reverses sequences of {T} digits"
+    )
+    say(
+        f"data: {n_train} random sequences of {T} digits for training, {n_test} held out "
+        f"for the test; the target at position t is the digit at position {T - 1} − t"
+    )
+    say(str(model))
+    say(
+        f"training: {opt!r}, {s['epochs']} epochs, minibatches of {s['batch_size']}, "
+        f"seed {s['seed']}"
+    )
+
+
 def run_transformer(
     s: dict[str, Any],
     plt: Any,
@@ -196,21 +216,7 @@ def run_transformer(
         shape["dim_feedforward"], shape["n_blocks"], seed=s["seed"],
     )  # fmt: skip
     opt = make_optimizer(s["optimizer"], model.parameters(), s["lr"], s["weight_decay"])
-    T = shape["length"]
-    say(
-        f"backprop demo: a transformer ({shape['n_blocks']} pre-norm encoder block, "
-        f"{shape['n_heads']} heads, d = {shape['d']}) that reverses sequences of {T} digits"
-    )
-    say(
-        f"data: {X_train.shape[0]} random sequences of {T} digits for training, "
-        f"{X_test.shape[0]} held out for the test; the target at position t is the digit "
-        f"at position {T - 1} − t"
-    )
-    say(str(model))
-    say(
-        f"training: {opt!r}, {s['epochs']} epochs, minibatches of {s['batch_size']}, "
-        f"seed {s['seed']}"
-    )
+    _announce(say, model, opt, s, X_train.shape[0], X_test.shape[0])
     history = fit(
         model, X_train, y_train, epochs=s["epochs"], batch_size=s["batch_size"], optimizer=opt,
         validation=(X_test, y_test), validation_label="test", seed=s["seed"],
