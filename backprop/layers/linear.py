@@ -164,7 +164,10 @@ class Linear(Layer):
             return self._backward_positions(op, g_out, input_grad)
         grads = {"W": g_out.T @ x_in}
         if "b" in op.theta:
-            grads["b"] = self._column_sums(g_out)
+            ones = self._ones  # Σ_b g_out[b] as 1ᵀ g_out (see _column_sums), inlined
+            if ones.shape[0] != g_out.shape[0] or ones.dtype != g_out.dtype:
+                ones = self._ones = np.ones(g_out.shape[0], dtype=g_out.dtype)
+            grads["b"] = ones @ g_out
         return (g_out @ W if input_grad else None), grads
 
     def _column_sums(self, g: np.ndarray) -> np.ndarray:

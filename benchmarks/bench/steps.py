@@ -70,7 +70,8 @@ class NumpyStep:
 
 
 class EngineStep:
-    """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``."""
+    """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``,
+    as ``fit`` runs them."""
 
     label = "backprop (fast)"
 
@@ -88,8 +89,7 @@ class EngineStep:
 
     def step(self) -> float:
         J = self.net.forward(self.X, self.y)
-        _, grads = self.net.backward(input_grad=False)
-        self.opt.step(grads)
+        self.opt.step(self.net.backward(input_grad=False).params)  # as fit does
         return float(J)
 
     def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
