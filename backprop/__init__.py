@@ -1,6 +1,6 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import jacobian, plot
+from backprop import jacobian, plot, recurrent
 from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
 from backprop.checkpoint import load, save
@@ -24,21 +24,26 @@ from backprop.layers import (
     LeakyReLU,
     Linear,
     LogSoftmax,
+    LSTMCell,
     MaxPool2d,
     Merge,
     Multiply,
     Pointwise,
     ReLU,
     Reshape,
+    RNNCell,
     Sigmoid,
     Softmax,
     SoftmaxCrossEntropy,
     Softplus,
     Tanh,
     Transpose,
+    Unstack,
     Upsample,
+    ZeroState,
 )
 from backprop.optim import SGD, Adam, Optimizer
+from backprop.recurrent import Unrolled, truncated, truncation_error, unroll
 from backprop.train import History, accuracy, fit, predict
 
 __version__ = "0.1.0"
@@ -78,6 +83,7 @@ __all__ = [
     "GlobalMaxPool",
     "GradcheckReport",
     "L2Loss",
+    "LSTMCell",
     "Layer",
     "LeakyReLU",
     "Linear",
@@ -87,6 +93,7 @@ __all__ = [
     "Multiply",
     "Parameter",
     "Pointwise",
+    "RNNCell",
     "ReLU",
     "Reshape",
     "Sequential",
@@ -95,8 +102,15 @@ __all__ = [
     "Softplus",
     "Tanh",
     "Transpose",
+    "Unrolled",
+    "Unstack",
     "Upsample",
+    "ZeroState",
     "gradcheck",
     "jacobian",
     "numerical_jacobian",
+    "recurrent",
+    "truncated",
+    "truncation_error",
+    "unroll",
 ]

@@ -32,6 +32,7 @@ from backprop.graph import Graph
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import SoftmaxCrossEntropy
 from backprop.optim import Adam, Optimizer
+from backprop.recurrent.truncation import Truncation
 
 __all__ = ["History", "accuracy", "fit", "predict"]
 
@@ -75,7 +76,9 @@ class _Net:
     input and one output, its prediction, and the loss is separate.
     """
 
-    def __init__(self, model: Any, loss: Layer | None, where: str = "fit") -> None:
+    def __init__(
+        self, model: Any, loss: Layer | None, where: str = "fit", truncate: int | None = None
+    ) -> None:
         if not isinstance(model, Graph):
             raise TypeError(
                 f"{where}: expected a Sequential or a Graph, got {type(model).__name__}"
@@ -104,6 +107,7 @@ class _Net:
             if not isinstance(self.loss, Loss):
                 raise TypeError(f"fit: loss must be a Loss layer, got {self.loss!r}")
         self.input_name, self.label_name = ins[0], ins[-1]
+        self.truncation = Truncation(model, truncate, where)  # a no-op for None
 
     def parameters(self) -> list[Parameter]:
         return list(self.model.parameters())
@@ -118,12 +122,14 @@ class _Net:
         if self.own_loss:
             J = self.model.forward({self.input_name: x, self.label_name: y})
             y_hat = self.loss.operating_point("fit").x_in[0]
-            return float(J), y_hat, self.model.backward(input_grad=False).params
+            with self.truncation:
+                return float(J), y_hat, self.model.backward(input_grad=False).params
         y_hat = self.model.forward({self.input_name: x})
         J = self.loss.forward(y_hat, y)
         g_in, _ = self.loss.backward()
         g = g_in[0] if isinstance(g_in, tuple) else g_in
-        return float(J), y_hat, self.model.backward(g, input_grad=False).params
+        with self.truncation:
+            return float(J), y_hat, self.model.backward(g, input_grad=False).params
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
         """``(mean loss, accuracy)`` over a whole set, forward only."""
@@ -231,6 +237,7 @@ def fit(
     seed: int | np.random.Generator | None = 0,
     progress: bool | str = True,
     file: TextIO | None = None,
+    truncate: int | None = None,
 ) -> History:
     """Train ``model`` on ``(X, y)`` with shuffled minibatches; return the ``History``.
 
@@ -251,6 +258,9 @@ def fit(
       the output is a terminal or a notebook) or else prints one line per epoch;
       ``"plain"`` always prints the lines; ``False`` prints nothing.
     - ``file``: where progress goes (``sys.stdout`` by default).
+    - ``truncate``: truncated backprop through time, ``k`` steps back, for every
+      recurrence the model unrolls (``backprop.recurrent.truncated``); None, the
+      default, backpropagates through all the steps.
 
     Every argument is checked before the first step. An error during training
     (a NaN gradient, say) leaves the parameters as the last complete step left them.
@@ -261,7 +271,7 @@ def fit(
     batch_size = _positive_int("batch_size", batch_size)
     X, y = _data("training", X, y)
     val = _data("validation", *validation) if validation is not None else None
-    net = _Net(model, loss)
+    net = _Net(model, loss, truncate=truncate)
     optimizer = _optimizer_for(net, optimizer)
     rng = np.random.default_rng(seed)
     out = sys.stdout if file is None else file
