@@ -84,7 +84,7 @@ class LSTMCell(RecurrentCell):
         self.params.update(cell_parameters(where, given, self.n_in, n, 4 * n, bias, rng, dtype))
 
     def shared_copy(self) -> LSTMCell:
-        return LSTMCell(self.n_in, self.n_hidden, bias="b" in self.params, **self.params)
+        return type(self)(self.n_in, self.n_hidden, bias="b" in self.params, **self.params)
 
     def _forward(
         self, op: OperatingPoint, x_t: np.ndarray, h: np.ndarray, c: np.ndarray

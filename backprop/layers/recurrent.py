@@ -114,7 +114,7 @@ class RecurrentCell(Layer):
         self.stop_state_gradient = False
 
     def shared_copy(self) -> RecurrentCell:
-        """A new cell of the same kind holding the same Parameters (tied weights)."""
+        """A new cell of the same class holding the same Parameters (tied weights)."""
         raise NotImplementedError  # abstract
 
     # -- inputs ----------------------------------------------------------------------
@@ -227,7 +227,7 @@ class RNNCell(RecurrentCell):
         self.params.update(cell_parameters(where, given, self.n_in, n, n, bias, rng, dtype))
 
     def shared_copy(self) -> RNNCell:
-        return RNNCell(
+        return type(self)(
             self.n_in,
             self.n_hidden,
             nonlinearity=self.nonlinearity,
