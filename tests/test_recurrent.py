@@ -519,3 +519,17 @@ def test_diagnostics_need_a_forward_and_an_unrolled_net() -> None:
         gradient_norms(net)
     with pytest.raises(TypeError, match="expected an unrolled net"):
         gradient_norms(bp.Sequential([bp.Linear(2, 2)]))  # type: ignore[arg-type]
+
+
+def test_a_new_parameter_value_is_used_at_the_next_forward() -> None:
+    """The cells keep a contiguous copy of each Wᵀ while the Parameter holds the same
+    array; an optimizer's new array must be read at the next forward."""
+    cell, x, h0, seed = rnn_problem(T=3)
+    net = bp.unroll(cell, 3)
+    net.forward(x=x, h0=h0)
+    bp.SGD(net.parameters(), lr=0.5).step(net.backward(seed).params)
+    states, h = net.forward(x=x, h0=h0), h0
+    W_x, W_h, b = (cell.params[k].value for k in ("W_x", "W_h", "b"))
+    for t in range(3):
+        h = np.tanh(x[:, t] @ W_x.T + h @ W_h.T + b)
+        np.testing.assert_allclose(states[:, t], h, rtol=1e-14)

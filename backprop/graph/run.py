@@ -319,13 +319,23 @@ def _totals(
     """Each Parameter's gradient, the sum of its uses (eq. 14.47; zeros if none), and
     the terms of that sum."""
     per_use: dict[Parameter, list[tuple[str, np.ndarray]]] = {}
-    total: dict[Parameter, np.ndarray] = {}
     for p, name, grad in uses:
-        if p in total:
-            total[p] = total[p] + grad
-            per_use[p].append((name, grad))
+        terms = per_use.get(p)
+        if terms is None:
+            per_use[p] = [(name, grad)]
         else:
-            total[p], per_use[p] = grad, [(name, grad)]
+            terms.append((name, grad))
+    total: dict[Parameter, np.ndarray] = {}
+    for p, terms in per_use.items():
+        if len(terms) == 1:
+            total[p] = terms[0][1]
+            continue
+        # The terms stay as they are (per_use lists them): one new array for the sum,
+        # then the rest added into it in place, in the order of the uses.
+        acc = terms[0][1] + terms[1][1]
+        for _, grad in terms[2:]:
+            acc += grad
+        total[p] = acc
     params: dict[Parameter, np.ndarray] = {}
     for p in graph._parameters:
         if p not in total:

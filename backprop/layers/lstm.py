@@ -23,7 +23,7 @@ from scipy.special import expit
 from backprop.jacobian import Dense, DiagonalBlocks, Jacobian, Kronecker
 from backprop.layer import FLOAT_DTYPES, OperatingPoint
 from backprop.layers.linear import _given_dtype
-from backprop.layers.recurrent import RecurrentCell, cell_parameters, chain
+from backprop.layers.recurrent import RecurrentCell, _column_sum, cell_parameters, chain
 from backprop.layers.sequence import tuple_g_out
 
 __all__ = ["LSTMCell"]
@@ -84,14 +84,15 @@ class LSTMCell(RecurrentCell):
         self.params.update(cell_parameters(where, given, self.n_in, n, 4 * n, bias, rng, dtype))
 
     def shared_copy(self) -> LSTMCell:
-        return type(self)(self.n_in, self.n_hidden, bias="b" in self.params, **self.params)
+        copy = type(self)(self.n_in, self.n_hidden, bias="b" in self.params, **self.params)
+        return self._shared(copy)
 
     def _forward(
         self, op: OperatingPoint, x_t: np.ndarray, h: np.ndarray, c: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         theta, n = op.theta, self.n_hidden
-        z = x_t @ theta["W_x"].T
-        z += h @ theta["W_h"].T
+        z = h @ self._transposed("W_h", theta["W_h"])
+        z += x_t @ self._transposed("W_x", theta["W_x"])
         if "b" in theta:
             z += theta["b"]
         gates = z.reshape(-1, 4, n)  # a view: the gates i, f, g, o, activated in place
@@ -147,7 +148,7 @@ class LSTMCell(RecurrentCell):
         gz = gz.reshape(-1, 4 * n)
         grads = {"W_x": gz.T @ x_t, "W_h": gz.T @ h}
         if "b" in theta:
-            grads["b"] = gz.sum(axis=0)
+            grads["b"] = _column_sum(gz)
         if not input_grad:
             return (None, None, None), grads
         return (gz @ theta["W_x"], gz @ theta["W_h"], gc * f), grads

@@ -84,6 +84,11 @@ def cell_parameters(
     return params
 
 
+def _column_sum(g: np.ndarray) -> np.ndarray:
+    """``Σ_b g[b]`` as ``1ᵀ g``: BLAS's gemv beats numpy's column sum at these sizes."""
+    return np.ones(g.shape[0], dtype=g.dtype) @ g
+
+
 class RecurrentCell(Layer):
     """One step of a recurrence: inputs ``(x_t, *state)``, output the new state.
 
@@ -112,6 +117,29 @@ class RecurrentCell(Layer):
         self.n_in = _size(where, "n_in", n_in)
         self.n_hidden = _size(where, "n_hidden", n_hidden)
         self.stop_state_gradient = False
+        #: ``{name: (W, Wᵀ contiguous)}``, one dict shared by a cell and its shared copies.
+        self._transposes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _transposed(self, name: str, W: np.ndarray) -> np.ndarray:
+        """``Wᵀ`` as a C-contiguous array, made once per value of the Parameter.
+
+        ``x @ W.T`` on the transposed view is about twice as slow as on a contiguous
+        copy at a cell's sizes (measured, 32 × 64 @ 64 × 64 with OpenBLAS), and the
+        ``T`` steps of an unrolled net all read the same ``W``: the copy is kept
+        until the Parameter holds another array (values are read-only and replaced,
+        never edited, so the identity of the array says when).
+        """
+        found = self._transposes.get(name)
+        if found is not None and found[0] is W:
+            return found[1]
+        WT = np.ascontiguousarray(W.T)
+        self._transposes[name] = (W, WT)
+        return WT
+
+    def _shared(self, copy: RecurrentCell) -> RecurrentCell:
+        """``copy`` (a cell on the same Parameters) sharing this cell's transposes."""
+        copy._transposes = self._transposes
+        return copy
 
     def shared_copy(self) -> RecurrentCell:
         """A new cell of the same class holding the same Parameters (tied weights)."""
@@ -227,18 +255,19 @@ class RNNCell(RecurrentCell):
         self.params.update(cell_parameters(where, given, self.n_in, n, n, bias, rng, dtype))
 
     def shared_copy(self) -> RNNCell:
-        return type(self)(
+        copy = type(self)(
             self.n_in,
             self.n_hidden,
             nonlinearity=self.nonlinearity,
             bias="b" in self.params,
             **self.params,
         )
+        return self._shared(copy)
 
     def _forward(self, op: OperatingPoint, x_t: np.ndarray, h: np.ndarray) -> np.ndarray:
         theta = op.theta
-        a = x_t @ theta["W_x"].T
-        a += h @ theta["W_h"].T
+        a = h @ self._transposed("W_h", theta["W_h"])
+        a += x_t @ self._transposed("W_x", theta["W_x"])
         if "b" in theta:
             a += theta["b"]
         if self.nonlinearity == "tanh":
@@ -258,10 +287,16 @@ class RNNCell(RecurrentCell):
     ) -> tuple[Any, dict[str, np.ndarray]]:
         x_t, h = op.x_in
         theta = op.theta
-        ga = g_out * self._derivative(op)  # ĝ = g_out R
+        if self.nonlinearity == "tanh":  # ĝ = g_out R, R = 1 − h'², with one new array
+            h_new = op.x_out
+            ga = h_new * h_new
+            np.subtract(1.0, ga, out=ga)
+            ga *= g_out
+        else:
+            ga = g_out * op.saved["active"]
         grads = {"W_x": ga.T @ x_t, "W_h": ga.T @ h}
         if "b" in theta:
-            grads["b"] = ga.sum(axis=0)
+            grads["b"] = _column_sum(ga)
         if not input_grad:
             return (None, None), grads
         return (ga @ theta["W_x"], ga @ theta["W_h"]), grads

@@ -61,7 +61,8 @@ def step_jacobians(unrolled: Unrolled) -> list[Jacobian]:
             out.append(parts[0])
         else:
             dense = np.concatenate([L.to_dense() for L in parts], axis=2)
-            out.append(Dense(dense, f"∂({', '.join(unrolled.cell.states)})_t / ∂(…)_(t−1)"))
+            state = ", ".join(unrolled.cell.states)
+            out.append(Dense(dense, f"∂({state})_t / ∂({state})_(t−1)"))
     return out
 
 

@@ -5,6 +5,8 @@
   each checked against the numpy step before it is timed;
 - ``convnets``: the digits CNN and LeNet-5, a hand-written numpy im2col step and the
   other contestants on them (``benchmarks/conv_paths.py`` times the conv products);
+- ``rnn``: backprop through time, the engine's unrolled net against a numpy BPTT,
+  PyTorch's ``nn.RNNCell`` loop and its fused ``nn.RNN``;
 - ``timing``: interleaved timing with medians;
 - ``jacobians`` and ``memory``: the Jacobian and peak-memory cases of the large MLP;
 - ``machine``: what the run ran on;
