@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from backprop.jacobian import Dense, DiagonalBlocks, Jacobian, Kronecker
-from backprop.layer import FLOAT_DTYPES, OperatingPoint
-from backprop.layers.linear import _given_dtype
-from backprop.layers.recurrent import RecurrentCell, _column_sum, cell_parameters, chain
+from backprop.jacobian import DiagonalBlocks, Jacobian
+from backprop.layer import OperatingPoint
+from backprop.layers.recurrent import RecurrentCell, _column_sum
 from backprop.layers.sequence import tuple_g_out
 
 __all__ = ["LSTMCell"]
@@ -75,13 +74,8 @@ class LSTMCell(RecurrentCell):
         dtype: Any = None,
     ) -> None:
         super().__init__(n_in, n_hidden)
-        dtype = _given_dtype(W_x, W_h, b) if dtype is None else np.dtype(dtype)
-        if np.dtype(dtype) not in FLOAT_DTYPES:
-            raise TypeError(f"LSTMCell: dtype must be float32 or float64, got {np.dtype(dtype)}")
-        n = self.n_hidden
-        where = f"LSTMCell({self.n_in}→{n}{'' if bias else ', bias=False'})"
-        given = {"W_x": W_x, "W_h": W_h, "b": b}
-        self.params.update(cell_parameters(where, given, self.n_in, n, 4 * n, bias, rng, dtype))
+        where = f"LSTMCell({self.n_in}→{self.n_hidden}"
+        self._parameters(where, {"W_x": W_x, "W_h": W_h, "b": b}, 4, bias, rng, dtype)
 
     def shared_copy(self) -> LSTMCell:
         copy = type(self)(self.n_in, self.n_hidden, bias="b" in self.params, **self.params)
@@ -154,23 +148,9 @@ class LSTMCell(RecurrentCell):
         return (gz @ theta["W_x"], gz @ theta["W_h"], gc * f), grads
 
     def _step_jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
-        x_t, h, _ = op.x_in
-        B, theta = x_t.shape[0], op.theta
         M_d, Lc_d = self._grid(op)
-        M = DiagonalBlocks(M_d, "∂(h', c')/∂z")
-        L_x = (
-            chain(M, Dense(theta["W_x"], "W_x", batch=B)),
-            chain(M, Dense(theta["W_h"], "W_h", batch=B)),
-            DiagonalBlocks(Lc_d, "[o⊙τ⊙f ; f]"),
-        )
-        rows = 4 * self.n_hidden
-        L_theta: dict[str, Jacobian] = {
-            "W_x": chain(M, Kronecker(rows, x_t, "I ⊗ x_tᵀ")),
-            "W_h": chain(M, Kronecker(rows, h, "I ⊗ hᵀ")),
-        }
-        if "b" in theta:
-            L_theta["b"] = M
-        return L_x, L_theta
+        (L_x, L_h), L_theta = self._through_weights(op, DiagonalBlocks(M_d, "∂(h', c')/∂z"))
+        return (L_x, L_h, DiagonalBlocks(Lc_d, "[o⊙τ⊙f ; f]")), L_theta
 
     def __repr__(self) -> str:
         bias = "" if "b" in self.params else ", bias=False"

@@ -16,7 +16,7 @@ weights (chapter 14.7–14.8) and backprop through time is Algorithm 14.1 on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from backprop.layers.linear import _as_parameter, _given_dtype
 __all__ = ["RNNCell", "RecurrentCell", "cell_parameters", "chain"]
 
 NONLINEARITIES = ("tanh", "relu")
+Cell = TypeVar("Cell", bound="RecurrentCell")
 
 
 def chain(outer: Jacobian, inner: Jacobian) -> Product:
@@ -120,6 +121,23 @@ class RecurrentCell(Layer):
         #: ``{name: (W, Wᵀ contiguous)}``, one dict shared by a cell and its shared copies.
         self._transposes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
+    def _parameters(
+        self, where: str, given: dict[str, Any], gates: int, bias: bool, rng: Any, dtype: Any
+    ) -> None:
+        """``W_x``, ``W_h``, ``b`` with ``gates · n_hidden`` rows (``cell_parameters``), in
+        ``dtype`` or, when None, that of a given float value (else float64). ``where``
+        names the cell up to its closing parenthesis."""
+        if dtype is None:
+            dtype = _given_dtype(*given.values())
+        if np.dtype(dtype) not in FLOAT_DTYPES:
+            name = type(self).__name__
+            raise TypeError(f"{name}: dtype must be float32 or float64, got {np.dtype(dtype)}")
+        where += ")" if bias else ", bias=False)"
+        n = self.n_hidden
+        self.params.update(
+            cell_parameters(where, given, self.n_in, n, gates * n, bias, rng, np.dtype(dtype))
+        )
+
     def _transposed(self, name: str, W: np.ndarray) -> np.ndarray:
         """``Wᵀ`` as a C-contiguous array, made once per value of the Parameter.
 
@@ -136,7 +154,7 @@ class RecurrentCell(Layer):
         self._transposes[name] = (W, WT)
         return WT
 
-    def _shared(self, copy: RecurrentCell) -> RecurrentCell:
+    def _shared(self, copy: Cell) -> Cell:
         """``copy`` (a cell on the same Parameters) sharing this cell's transposes."""
         copy._transposes = self._transposes
         return copy
@@ -183,6 +201,26 @@ class RecurrentCell(Layer):
 
     def _step_jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         raise NotImplementedError  # abstract
+
+    def _through_weights(
+        self, op: OperatingPoint, front: Jacobian
+    ) -> tuple[tuple[Jacobian, Jacobian], dict[str, Jacobian]]:
+        """``front`` (the Jacobian of the output with respect to ``z = W_x x_t + W_h h +
+        b``) after each of the affine map's Jacobians: ``(L^x, L^h)`` and ``L^θ``, each
+        kept as two factors (``front W``, ``front (I ⊗ xᵀ)``, and ``front`` for ``b``)."""
+        x_t, h = op.x_in[0], op.x_in[1]
+        B, theta, rows = x_t.shape[0], op.theta, front.shape[1]
+        L_x = (
+            chain(front, Dense(theta["W_x"], "W_x", batch=B)),
+            chain(front, Dense(theta["W_h"], "W_h", batch=B)),
+        )
+        L_theta: dict[str, Jacobian] = {
+            "W_x": chain(front, Kronecker(rows, x_t, "I ⊗ x_tᵀ")),
+            "W_h": chain(front, Kronecker(rows, h, "I ⊗ hᵀ")),
+        }
+        if "b" in theta:
+            L_theta["b"] = front
+        return L_x, L_theta
 
     def _backward(
         self, op: OperatingPoint, g_out: Any, input_grad: bool
@@ -246,13 +284,8 @@ class RNNCell(RecurrentCell):
                 f"{nonlinearity!r}"
             )
         self.nonlinearity = nonlinearity
-        dtype = _given_dtype(W_x, W_h, b) if dtype is None else np.dtype(dtype)
-        if np.dtype(dtype) not in FLOAT_DTYPES:
-            raise TypeError(f"RNNCell: dtype must be float32 or float64, got {np.dtype(dtype)}")
-        given = {"W_x": W_x, "W_h": W_h, "b": b}
-        n = self.n_hidden
-        where = f"RNNCell({self.n_in}→{n}, {nonlinearity}{'' if bias else ', bias=False'})"
-        self.params.update(cell_parameters(where, given, self.n_in, n, n, bias, rng, dtype))
+        where = f"RNNCell({self.n_in}→{self.n_hidden}, {nonlinearity}"
+        self._parameters(where, {"W_x": W_x, "W_h": W_h, "b": b}, 1, bias, rng, dtype)
 
     def shared_copy(self) -> RNNCell:
         copy = type(self)(
@@ -302,22 +335,10 @@ class RNNCell(RecurrentCell):
         return (ga @ theta["W_x"], ga @ theta["W_h"]), grads
 
     def _step_jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
-        x_t, h = op.x_in
-        B, dtype, theta = x_t.shape[0], x_t.dtype, op.theta
-        d = np.asarray(self._derivative(op), dtype=dtype)
+        x_t = op.x_in[0]
+        d = np.asarray(self._derivative(op), dtype=x_t.dtype)
         R = Diagonal(d, "1 − h'²" if self.nonlinearity == "tanh" else "[a ≥ 0]")
-        L_x = (
-            chain(R, Dense(theta["W_x"], "W_x", batch=B)),
-            chain(R, Dense(theta["W_h"], "W_h", batch=B)),
-        )
-        n = self.n_hidden
-        L_theta: dict[str, Jacobian] = {
-            "W_x": chain(R, Kronecker(n, x_t, "I ⊗ x_tᵀ")),
-            "W_h": chain(R, Kronecker(n, h, "I ⊗ hᵀ")),
-        }
-        if "b" in theta:
-            L_theta["b"] = R
-        return L_x, L_theta
+        return self._through_weights(op, R)
 
     def __repr__(self) -> str:
         bias = "" if "b" in self.params else ", bias=False"

@@ -23,7 +23,7 @@ import numpy as np
 import backprop as bp
 
 from .problems import LR, RTOL, close
-from .steps import torch_ok
+from .steps import compare_weights, torch_ok
 from .timing import check_note, time_against
 
 #: T steps, a batch of B, n_in inputs and n hidden units per step.
@@ -209,14 +209,8 @@ def check_rnn_first_step(factory: Callable[[RNNProblem], Any], p: RNNProblem) ->
     ok, worst = close(c.step(), ref.step(), rtol)
     if not ok:
         return False, f"loss: rel. error {worst:.2e} > {rtol}"
-    for name, got, want in zip(("W_x", "W_h", "b"), c.weights(), ref.weights(), strict=True):
-        if np.asarray(got).dtype != p.dtype:
-            return False, f"{name} is {np.asarray(got).dtype}, expected {p.dtype}"
-        ok, err = close(got, want, rtol)
-        worst = max(worst, err)
-        if not ok:
-            return False, f"{name} after one step: rel. error {err:.2e} > {rtol}"
-    return True, f"max rel. error {worst:.1e}"
+    named = list(zip(("W_x", "W_h", "b"), c.weights(), ref.weights(), strict=True))
+    return compare_weights(named, p.dtype, rtol, worst)
 
 
 def run_rnn_case(name: str, dtype: np.dtype[Any], repeats: int, target: float) -> dict[str, Any]:
