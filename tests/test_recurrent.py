@@ -149,6 +149,41 @@ def test_unrolled_lstm_matches_torch_nn_lstm() -> None:
     close(grads.params[cell.params["b"]], lstm.bias_ih_l0.grad)
 
 
+@pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell"])
+def test_unrolled_cell_matches_torch_cell_modules_stepped_by_hand(kind: str) -> None:
+    """``torch.nn.RNNCell`` / ``nn.LSTMCell`` called once per step, against the unrolled net."""
+    torch = _torch()
+    rng = np.random.default_rng(11)
+    B, T, n_in, n = 3, 4, 2, 5
+    cell = getattr(bp, kind)(n_in, n, rng=rng)
+    module = getattr(torch.nn, kind)(n_in, n, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight_ih.copy_(torch.tensor(cell.params["W_x"].value))
+        module.weight_hh.copy_(torch.tensor(cell.params["W_h"].value))
+        module.bias_ih.copy_(torch.tensor(cell.params["b"].value))
+        module.bias_hh.zero_()
+    x, seed = rng.standard_normal((B, T, n_in)), rng.standard_normal((B, T, n))
+    state = [rng.standard_normal((B, n)) for _ in cell.states]
+    net = bp.unroll(cell, T)
+    states = net.forward({"x": x, **{f"{s}0": v for s, v in zip(cell.states, state, strict=True)}})
+    grads = net.backward(seed)
+    x_t = tt(x, torch)
+    held = [tt(v, torch) for v in state]
+    carry, outs = tuple(held) if kind == "LSTMCell" else held[0], []
+    for t in range(T):
+        carry = module(x_t[:, t], carry)
+        outs.append(carry[0] if kind == "LSTMCell" else carry)
+    out_t = torch.stack(outs, dim=1)
+    out_t.backward(torch.tensor(seed))
+    close(states, out_t)
+    close(grads.inputs["x"], x_t.grad)
+    for s, v in zip(cell.states, held, strict=True):
+        close(grads.inputs[f"{s}0"], v.grad)
+    close(grads.params[cell.params["W_x"]], module.weight_ih.grad)
+    close(grads.params[cell.params["W_h"]], module.weight_hh.grad)
+    close(grads.params[cell.params["b"]], module.bias_ih.grad)
+
+
 def test_per_step_shares_sum_to_the_total_and_equal_untied_copies() -> None:
     """Each step's term of the tied gradient (eq. 14.47) is the gradient of that step's own
     copy of the weights when the copies are untied: computed here by torch, one leaf per
