@@ -16,6 +16,7 @@ TOOLS = [
     "backward_net.py",
     "plot",
     "demo.py",
+    "recurrent",
 ]
 
 

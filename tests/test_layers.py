@@ -392,6 +392,22 @@ CASES = [
         ),
         with_mask((3, 4), (3,)),
     ),
+    # -- recurrence: one step of a cell, and taking a sequence apart --
+    Case("RNNCell-tanh", lambda dt: bp.RNNCell(3, 4, rng=0, dtype=dt), several((3,), (4,))),
+    Case(
+        "RNNCell-relu-nobias",
+        lambda dt: bp.RNNCell(2, 3, nonlinearity="relu", bias=False, rng=1, dtype=dt),
+        several((2,), (3,)),
+    ),
+    Case("LSTMCell", lambda dt: bp.LSTMCell(3, 2, rng=2, dtype=dt), several((3,), (2,), (2,))),
+    Case(
+        "LSTMCell-nobias",
+        lambda dt: bp.LSTMCell(2, 3, bias=False, rng=3, dtype=dt),
+        several((2,), (3,), (3,)),
+    ),
+    Case("Unstack", lambda dt: bp.Unstack(3), normal(3, 2)),
+    Case("Unstack-images", lambda dt: bp.Unstack(2), normal(2, 1, 2, 3)),
+    Case("ZeroState", lambda dt: bp.ZeroState(3), normal(4, 2)),
 ]
 
 BATCHES = [1, 4]

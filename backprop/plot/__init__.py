@@ -16,7 +16,9 @@ from the left (eq. 14.8 and 14.10).
 - ``conv``: ``plot_filters``, a convolution's kernels, and ``plot_toeplitz``, its
   ``L^x`` as the doubly-block Toeplitz matrix next to the kernel it repeats;
 - ``dag``: ``draw_graph`` and ``to_dot``, a model as a DAG (read by ``_view``,
-  placed by ``_layout``).
+  placed by ``_layout``);
+- ``recurrent``: ``plot_gradient_norms``, ``‖∂h_T/∂h_t‖`` over the steps of an
+  unrolled recurrent net (vanishing and exploding gradients).
 """
 
 from backprop.plot.conv import plot_filters, plot_toeplitz
@@ -24,11 +26,13 @@ from backprop.plot.dag import draw_graph, to_dot
 from backprop.plot.history import plot_history
 from backprop.plot.inputs import plot_input_gradients
 from backprop.plot.jacobians import plot_backward_step, plot_jacobian, plot_sparsity
+from backprop.plot.recurrent import plot_gradient_norms
 
 __all__ = [
     "draw_graph",
     "plot_backward_step",
     "plot_filters",
+    "plot_gradient_norms",
     "plot_history",
     "plot_input_gradients",
     "plot_jacobian",

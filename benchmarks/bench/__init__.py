@@ -7,6 +7,8 @@
   other contestants on them (``benchmarks/conv_paths.py`` times the conv products);
 - ``transformer``: one pre-norm transformer encoder block, a hand-written numpy step
   and the other contestants on it;
+- ``rnn``: backprop through time, the engine's unrolled net against a numpy BPTT,
+  PyTorch's ``nn.RNNCell`` loop and its fused ``nn.RNN``;
 - ``timing``: interleaved timing with medians;
 - ``jacobians`` and ``memory``: the Jacobian and peak-memory cases of the large MLP;
 - ``machine``: what the run ran on;

@@ -38,6 +38,7 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
     ),
     ("transformer step", ("float64",), (("engine", "torch", 1.0, "engine / PyTorch"),)),
     ("transformer step", ("float32",), (("engine", "torch", 1.5, "engine / PyTorch"),)),
+    ("rnn step", BOTH, (("engine", "torch", 1.0, "engine / PyTorch nn.RNNCell loop"),)),
     *(
         (
             case,
@@ -49,6 +50,10 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
         )
         for case in ("∂y/∂x, batch 1", "∂y/∂x, batch 32")
     ),
+)
+#: Ratios reported without a bound: (case, dtypes, contestant, reference, what).
+REPORTED: tuple[tuple[str, tuple[str, ...], str, str, str], ...] = (
+    ("rnn step", BOTH, "engine", "torch_fused", "engine / PyTorch nn.RNN (fused)"),
 )
 #: Peak memory of the large step, engine / numpy, per dtype measured.
 MEMORY_BOUND = 1.25
@@ -84,6 +89,11 @@ def evaluate_goals(
             name = f"{case} {dt}" if case.endswith(" step") else case
             for a, b, bound, what in bounds:
                 goals.append(_bounded(f"{name}: {what}", _ratio(results, case, dt, a, b), bound))
+    for case, dtypes, a, b, what in REPORTED:
+        for dt in dtypes:
+            ratio = _ratio(results, case, dt, a, b)
+            if ratio is not None:
+                goals.append(_goal(f"{case} {dt}: {what}", ratio, None, None, "reported"))
     if memory is not None:
         for dt, m in memory["by_dtype"].items():
             what = f"peak memory, large step {dt}: engine / numpy"
