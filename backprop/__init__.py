@@ -1,9 +1,19 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import jacobian, plot
+from backprop import curvature, jacobian, plot
 from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
 from backprop.checkpoint import load, save
+from backprop.curvature import (
+    ggn,
+    ggn_blocks,
+    ggn_vp,
+    hessian,
+    hessian_eigs,
+    hessian_spectrum,
+    hessian_trace,
+    hvp,
+)
 from backprop.data_grad import input_gradient, optimize_input
 from backprop.graph import Gradients, Graph, Handle, NodeInfo, Sequential
 from backprop.layer import Layer, Loss, Parameter
@@ -45,6 +55,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backward_graph",
+    "curvature",
+    "ggn",
+    "ggn_blocks",
+    "ggn_vp",
+    "hessian",
+    "hessian_eigs",
+    "hessian_spectrum",
+    "hessian_trace",
+    "hvp",
     "input_gradient",
     "optimize_input",
     "Adam",

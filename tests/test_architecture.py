@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "backprop"
-TOOLS = ["check", "train.py", "data_grad.py", "backward_net.py", "plot", "demo.py"]
+TOOLS = ["check", "curvature", "train.py", "data_grad.py", "backward_net.py", "plot", "demo.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from backprop.check.compare import GradcheckReport
 from backprop.check.graph import gradcheck_graph
 from backprop.check.layer import check_layer
+from backprop.curvature.point import feed
 from backprop.graph import Graph
 from backprop.layer import Layer
 
@@ -72,8 +72,8 @@ def gradcheck(
         eps=eps, rtol=rtol, atol=atol, seed=seed, mode=mode, directions=directions
     )
     if isinstance(model, Graph):
-        feed = _feed(model, inputs, named_inputs)
-        return gradcheck_graph(model, feed, seeds=g_out, **options)
+        given = feed("gradcheck", model, inputs, named_inputs)
+        return gradcheck_graph(model, given, seeds=g_out, **options)
     if not isinstance(model, Layer):
         raise TypeError(
             f"gradcheck: expected a Layer or a Graph (a Sequential is one), got "
@@ -85,20 +85,3 @@ def gradcheck(
             f"by name are for a Graph, a layer takes them positionally"
         )
     return check_layer(model, inputs, g_out=g_out, **options)
-
-
-def _feed(graph: Graph, inputs: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
-    """A Graph's inputs by name: one mapping, or positionally in declaration order (a
-    chain's ``x``, then its targets), updated by the ones given by name."""
-    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-        feed = dict(inputs[0])
-    else:
-        names = graph.input_names()
-        if len(inputs) > len(names):
-            raise TypeError(
-                f"gradcheck: the model takes {len(names)} input(s) "
-                f"({', '.join(names)}), got {len(inputs)}"
-            )
-        feed = dict(zip(names, inputs, strict=False))
-    feed.update(named)
-    return feed

@@ -1,11 +1,13 @@
 """Layers that shape the graph (chapter 14.7): merge, branch, add, multiply.
 
 None has a parameter. The Jacobians are selections, stacks of identities and
-diagonals, so the backward passes are slicing, summing and elementwise
-products. ``Reshape`` and ``Flatten`` live in ``backprop.layers.shape`` (with
-``Transpose``) and are importable from here too; the small pieces for worked
-examples (``Constant``, ``Scale``, ``Shift``, ``SumEntries``) live in
-``backprop.layers.worked``.
+diagonals, so the backward passes are slicing, summing and elementwise products.
+Merge, Branch and Add are linear in their inputs: their tangent is the layer applied
+to the tangents and they add no second-order term. Multiply is bilinear:
+``<g, x_a * x_b>`` has the Hessian ``[0 diag(g); diag(g) 0]``. ``Reshape`` and ``Flatten`` live
+in ``backprop.layers.shape`` (with ``Transpose``) and are importable from here too;
+the small pieces for worked examples (``Constant``, ``Scale``, ``Shift``,
+``SumEntries``) live in ``backprop.layers.worked``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import scipy.sparse as sp
 
 from backprop.jacobian import Diagonal, Identity, Jacobian, Selection, Sparse, Tile
 from backprop.layer import Layer, OperatingPoint, _owned, check_float
+from backprop.layers.second_order import linear_hvp, linear_tangent, total
 from backprop.layers.shape import Flatten, Reshape, _read_only
 
 __all__ = ["Add", "Branch", "Flatten", "Merge", "Multiply", "Reshape"]
@@ -43,6 +46,9 @@ class Merge(Layer):
     ``Merge()`` takes as many inputs as it is given (in a Graph, the handles
     passed to ``add``); ``Merge(n)`` insists on exactly ``n``.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, n: int | None = None, *, axis: int | None = None) -> None:
         super().__init__()
@@ -178,6 +184,8 @@ class Branch(Layer):
     passes them on and sends no gradient back, as the labels get none.
     """
 
+    _hvp = linear_hvp
+
     def __init__(self, n: int = 2) -> None:
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -236,6 +244,9 @@ class Branch(Layer):
             total += g
         return total, {}
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return None if dx_in[0] is None else (dx_in[0],) * self.n
+
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x = op.x_in[0]
         if x.dtype.kind in "iu":
@@ -256,6 +267,10 @@ class Add(Layer):
     """``x_out = x_a + x_b`` for two inputs of the same shape; ``L^a = L^b = I``."""
 
     inputs = ("x_a", "x_b")
+    _hvp = linear_hvp
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return total(*dx_in)
 
     def _check(self, x_a: np.ndarray, x_b: np.ndarray) -> None:
         if x_a.shape != x_b.shape:
@@ -302,3 +317,13 @@ class Multiply(Layer):
         x_a, x_b = op.x_in
         B = x_a.shape[0]
         return (Diagonal(x_b.reshape(B, -1), "x_b"), Diagonal(x_a.reshape(B, -1), "x_a")), {}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (x_a, x_b), (d_a, d_b) = op.x_in, dx_in  # ẋ_a x_b + x_a ẋ_b
+        return total(None if d_a is None else d_a * x_b, None if d_b is None else x_a * d_b)
+
+    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        d_a, d_b = dx_in  # x_a gets g ẋ_b, x_b gets g ẋ_a
+        if d_a is None and d_b is None:
+            return None
+        return (None if d_b is None else g_out * d_b, None if d_a is None else g_out * d_a), {}
