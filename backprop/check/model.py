@@ -7,6 +7,7 @@ from typing import Any
 from backprop.check.compare import GradcheckReport
 from backprop.check.graph import gradcheck_graph
 from backprop.check.layer import check_layer
+from backprop.check.second import Settings, check_graph_second, check_layer_second
 from backprop.curvature.point import feed
 from backprop.graph import Graph
 from backprop.layer import Layer
@@ -24,6 +25,7 @@ def gradcheck(
     seed: int = 0,
     mode: str = "auto",
     directions: int = 3,
+    order: int = 1,
     **named_inputs: Any,
 ) -> GradcheckReport:
     """The three-way check of a layer or a network at ``inputs``.
@@ -67,12 +69,25 @@ def gradcheck(
     noise it allows; ``backprop.check.looks`` the entries it excludes at a
     kink). Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
     disagreement. The model is left at its operating point at ``inputs``.
+
+    ``order=2`` checks second derivatives instead, as PyTorch's ``gradgradcheck``:
+    the Hessian products of ``backprop.curvature`` against central differences of
+    the gradient (for a layer, of ``backward(g_out)`` in its inputs and parameters),
+    along random directions or entry by entry as ``mode`` says, plus their symmetry
+    and, for a layer, its forward tangent (``backprop.check.second``). A model must
+    end in a loss (a scalar cost).
     """
     options: dict[str, Any] = dict(
         eps=eps, rtol=rtol, atol=atol, seed=seed, mode=mode, directions=directions
     )
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"gradcheck: order must be 1 or 2, got {order!r}")
     if isinstance(model, Graph):
         given = feed("gradcheck", model, inputs, named_inputs)
+        if order == 2:
+            if g_out is not None:
+                raise TypeError("gradcheck(order=2): a model's cost has no g_out to give")
+            return check_graph_second(model, given, Settings(**options))
         return gradcheck_graph(model, given, seeds=g_out, **options)
     if not isinstance(model, Layer):
         raise TypeError(
@@ -84,4 +99,6 @@ def gradcheck(
             f"gradcheck: unexpected keyword(s) {', '.join(map(repr, named_inputs))}; inputs "
             f"by name are for a Graph, a layer takes them positionally"
         )
+    if order == 2:
+        return check_layer_second(model, inputs, g_out, Settings(**options))
     return check_layer(model, inputs, g_out=g_out, **options)

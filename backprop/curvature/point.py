@@ -203,11 +203,15 @@ class Point:
     ) -> tuple[dict, dict]:
         """``(H v on the parameters, H v on the inputs)`` (or the GGN's) for a direction
         ``v`` given on the parameters and on the inputs (checked; absent keys are zero)."""
-        if not ggn and not self._checked:
-            for step in self.flat.steps:
-                if self.flows[step.outs[0]]:
-                    hvp_of(step.layer)
-            self._checked = True
+        for step in self.flat.steps:
+            if step.layer.operating_point(self.where) is not step.op:
+                raise RuntimeError(
+                    f"{self.where}: node {step.name!r} ({step.layer!r}) was run again since this "
+                    f"operating point was taken; its products would mix two points"
+                )
+            if not ggn and not self._checked and self.flows[step.outs[0]]:
+                hvp_of(step.layer)
+        self._checked = self._checked or not ggn
         seen = self._tangents(by_input, by_param)
         return self._reverse(seen, by_param, ggn)
 
