@@ -181,10 +181,9 @@ class Point:
         out = {}
         for k, value in v.items():
             if k not in index:
-                kind = (
-                    "parameter of the model" if self.wrt == "params" else "input taking a gradient"
-                )
-                raise ValueError(f"{self.where}: v has {k!r}, which is not a {kind}")
+                kind = "a parameter of the model" if self.wrt == "params" else "an input"
+                kind += "" if self.wrt == "params" else " taking a gradient"
+                raise ValueError(f"{self.where}: v has {k!r}, which is not {kind}")
             i = index[k]
             a = np.asarray(value)
             if a.shape != space.shapes[i] or a.dtype.kind not in "fiu":
