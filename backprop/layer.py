@@ -361,7 +361,7 @@ class Layer:
     # tangent per input and ``dtheta`` one per parameter name, None or absent for zero:
     # ``_tangent(op, dx_in, dtheta) -> dx_out``, the forward tangent ``L^x ẋ + Σ L^θ θ̇``
     # (None: zero; without the hook, the Jacobians' ``jvp`` give it);
-    # ``_hvp(op, g_out, dx_in, dtheta) -> (h_in, h_theta)``, the Hessian of
+    # ``_hvp(op, g_out, dx_in, dtheta, input_grad) -> (h_in, h_theta)``, the Hessian of
     # ``<g_out, f(x_in, θ)>`` times the tangent: what the backward pass's own derivative
     # adds to ``backward(ġ_out)``. None means zero, as for a layer linear in its inputs
     # (``backprop.layers.second_order``). Without the hook the curvature tools refuse

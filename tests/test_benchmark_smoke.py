@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ jacobians = importlib.import_module("backprop_bench.jacobians")
 goals = importlib.import_module("backprop_bench.goals")
 cli = importlib.import_module("backprop_bench.cli")
 convnets = importlib.import_module("backprop_bench.convnets")
+curvature = importlib.import_module("backprop_bench.curvature")
 
 CASES = [(size, dt) for size in ("tiny", "small") for dt in (np.float64, np.float32)]
 
@@ -316,3 +318,26 @@ def test_goals_table_names_every_goal_once() -> None:
         assert f"{net} step float64: engine / PyTorch (stretch)" not in names
     assert all(g["holds"] is None for g in goals.evaluate_goals([], None))
     assert not any("explicit" in name for name in names)
+
+
+def test_curvature_case_contestants_compute_what_they_say() -> None:
+    # The hand-written gradient is the engine's; the hvp case's torch product is the
+    # engine's hvp (both checked again by the case itself before timing).
+    p = problems.make_problem("small", np.float64)
+    net = problems.build_engine_net(p)
+    net.forward(p.X, p.y)
+    grads = net.backward().params
+    want = [grads[q] for q in net.parameters()]
+    for got, ref in zip(curvature.numpy_gradient(net, p.X, p.y)(), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    if not steps.torch_ok():
+        return
+    import backprop as bp
+
+    v = [np.random.default_rng(3).standard_normal(q.shape) for q in net.parameters()]
+    ours = bp.hvp(net, p.X, p.y, v=dict(zip(net.parameters(), v, strict=True)))
+    with warnings.catch_warnings():  # torch's forward mode loads through torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = curvature.torch_hvp_fn(net, p.X, p.y, v)()
+    for q, t in zip(net.parameters(), theirs, strict=True):
+        np.testing.assert_allclose(ours[q], t, rtol=1e-10, atol=1e-14)

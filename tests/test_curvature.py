@@ -512,7 +512,9 @@ class SquaredNorm(Layer):
         x = op.x_in[0]
         return Dense((2 * x).reshape(x.shape[0], 1, -1), "2 x"), {}
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: Any, dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: Any, dtheta: Any, input_grad: bool
+    ) -> Any:
         return (2 * float(g_out) * dx_in[0],), {}
 
 

@@ -79,7 +79,9 @@ def loss_hessian(pt: Point, step: Step) -> np.ndarray:
         e = np.zeros((B, M), dtype=xs[0].dtype)
         e[:, j] = 1.0
         dx = _split(pt, step, keys, e)
-        second = hvp_of(step.layer)(step.op, pt.g_out[step.name], tuple(map(dx.get, step.ins)), {})
+        second = hvp_of(step.layer)(
+            step.op, pt.g_out[step.name], tuple(map(dx.get, step.ins)), {}, True
+        )
         if second is None:
             continue
         h_in = [h for k, h in zip(step.ins, second[0], strict=True) if k in keys]

@@ -94,7 +94,7 @@ def layer_hvp(
         raise ValueError(f"layer_hvp: g_out has shape {given}, but x_out of {layer!r} has {shapes}")
     second = None
     if any(d is not None for d in dx) or dth:
-        second = hvp(op, g, dx, dth)
+        second = hvp(op, g, dx, dth, True)
     h_in, h_theta = second if second is not None else ((None,) * len(dx), {})
     ins = tuple(
         None if x.dtype.kind != "f" else (np.zeros_like(x) if h is None else h)

@@ -118,7 +118,7 @@ class Point:
         self.input_space = Space(takes, [info[n][0] for n in takes], [info[n][1] for n in takes])
         self.flows = self._flows()
         self.g_out: dict[str, Any] = {}
-        self.gradient = self._backward()
+        self._backward()
         self._checked = False
 
     @property
@@ -148,22 +148,18 @@ class Point:
                 f"scalars (ending in a loss); {e}"
             ) from None
 
-    def _backward(self) -> dict[Parameter, np.ndarray]:
-        """The backward pass, keeping ``g_out`` of every step a direction moves; returns
-        ``dJ/dθ``."""
+    def _backward(self) -> None:
+        """The backward pass, keeping ``g_out`` of every step a direction moves. A step
+        none of whose inputs moves is not run: only its ``g_out`` is needed."""
         G: dict[str, Any] = dict(zip(self.flat.outputs, self._seeds(), strict=True))
-        grad: dict[Parameter, np.ndarray] = {}
         for step in reversed(self.flat.steps):
             g_out = take(G, step)
             if g_out is None or not self.flows[step.outs[0]]:
                 continue
             self.g_out[step.name] = g_out
-            need = any(self.flows.get(k, False) for k in step.ins)
-            g_in, grads = step.layer.backward(g_out, input_grad=need)
-            give(G, step, g_in, self.flows)
-            for name, p in step.params:
-                grad[p] = grads[name] + grad[p] if p in grad else grads[name]
-        return grad
+            if any(self.flows.get(k, False) for k in step.ins):
+                g_in, _ = step.layer.backward(g_out)
+                give(G, step, g_in, self.flows)
 
     def check_direction(self, v: Any) -> dict[Any, np.ndarray]:
         """``v`` as ``{key: array}`` of the space's shapes and dtypes (absent keys: zero)."""
@@ -266,7 +262,9 @@ class Point:
                 dg_in, dgrads = layer.backward(dg_out, input_grad=need)
             moved = any(d is not None for d in dx) or dtheta
             if moved and (not ggn or isinstance(layer, Loss)):
-                second = hvp_of(layer)(step.op, g_out, dx, dtheta)  # the backward weights move
+                second = hvp_of(layer)(
+                    step.op, g_out, dx, dtheta, need
+                )  # the backward weights move
                 if second is not None:
                     dg_in, dgrads = _plus(step, dg_in, dgrads, second)
             give(D, step, dg_in, self.flows)

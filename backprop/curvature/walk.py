@@ -14,6 +14,7 @@ refuses a layer without ``_hvp``, by name.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,9 +52,37 @@ class Flat:
     outputs: list[str]
 
 
+#: A frozen model's structure does not change: its unrolled steps (without operating
+#: points) are kept per model, so that each product at a new point reads it once.
+_SKELETONS: weakref.WeakKeyDictionary[Graph, tuple[list[tuple], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def flatten(model: Graph) -> Flat:
     """The steps of ``model`` and of every graph nested in it, with their operating points."""
-    steps: list[Step] = []
+    skeleton = _SKELETONS.get(model)
+    if skeleton is None:
+        skeleton = _SKELETONS[model] = _skeleton(model)
+    rows, outputs = skeleton
+    steps = []
+    for name, layer, ins, outs in rows:
+        step = Step(name, layer, ins, outs, tuple(layer.params.items()))
+        step.op = layer.operating_point("curvature")
+        steps.append(step)
+    inputs, input_info = {}, {}
+    for name in model.input_names():
+        info = model.node(name)
+        inputs[name] = name
+        dtype = np.dtype(info.dtypes[0])
+        takes = bool(info.requires_grad) and dtype.kind == "f"
+        input_info[name] = (tuple(info.shape or ()), dtype, takes)
+    return Flat(steps, inputs, input_info, outputs)
+
+
+def _skeleton(model: Graph) -> tuple[list[tuple], list[str]]:
+    """``(name, layer, input keys, output keys)`` of every layer, and the output keys."""
+    rows: list[tuple] = []
     alias: dict[str, str] = {}
 
     def resolve(key: str) -> str:
@@ -71,10 +100,7 @@ def flatten(model: Graph) -> Flat:
             ins = tuple(key(v) for v in info.inputs)
             if isinstance(info.layer, Layer):
                 outs = tuple(prefix + v for v in info.outputs)
-                params = tuple(info.layer.params.items())
-                step = Step(prefix + info.name, info.layer, ins, outs, params)
-                step.op = info.layer.operating_point("curvature")
-                steps.append(step)
+                rows.append((prefix + info.name, info.layer, ins, outs))
                 continue
             inner: Graph = info.layer
             bound_inner = dict(zip(inner.input_names(), ins, strict=True))
@@ -84,14 +110,7 @@ def flatten(model: Graph) -> Flat:
         return [key(v) for v in graph.output_values()]
 
     outputs = walk(model, "", {})
-    inputs, input_info = {}, {}
-    for info in model.nodes():
-        if info.kind == "input":
-            inputs[info.name] = info.name
-            dtype = np.dtype(info.dtypes[0])
-            takes = bool(info.requires_grad) and dtype.kind == "f"
-            input_info[info.name] = (tuple(info.shape or ()), dtype, takes)
-    return Flat(steps, inputs, input_info, outputs)
+    return rows, outputs
 
 
 def hvp_of(layer: Layer, where: str = "curvature") -> Callable[..., Any]:

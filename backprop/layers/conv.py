@@ -274,8 +274,10 @@ class Conv2d(_Conv):
             return conv2d(op.x_in[0], W, op.saved["geo"], op.saved["cols"])
         return conv2d(x, W, op.saved["geo"])
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
-        (dx,), dW = dx_in, dtheta.get("W")
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), dW = dx_in, dtheta.get("W") if input_grad else None
         if dx is None and dW is None:
             return None
         geo = op.saved["geo"]
@@ -392,8 +394,10 @@ class ConvTranspose2d(_Conv):
         """The transposed convolution of ``x`` (None: the cached input) by ``W``, no bias."""
         return conv2d_transpose(op.x_in[0] if x is None else x, W, op.saved["geo"])
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
-        (dx,), dW = dx_in, dtheta.get("W")
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), dW = dx_in, dtheta.get("W") if input_grad else None
         if dx is None and dW is None:
             return None
         geo = op.saved["geo"]

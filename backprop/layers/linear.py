@@ -232,9 +232,10 @@ class Linear(Layer):
         g_out: np.ndarray,
         dx_in: tuple[Any, ...],
         dtheta: dict[str, np.ndarray],
+        input_grad: bool,
     ) -> Any:
         (x_in,), (dx,) = op.x_in, dx_in
-        dW = dtheta.get("W")
+        dW = dtheta.get("W") if input_grad else None
         if dx is None and dW is None:
             return None
         g = g_out.reshape(-1, self.n_out)

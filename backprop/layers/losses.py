@@ -78,7 +78,11 @@ class L2Loss(Loss):
         dr = self._moved(dx_in)  # J̇ = 2 <ŷ − y, ẏ_hat − ẏ> / B
         return None if dr is None else np.asarray(np.vdot(self._error(op), dr), dr.dtype)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         dr = self._moved(dx_in)  # H = (2 g_out / B) [I −I; −I I]
         if dr is None:
             return None
@@ -224,7 +228,11 @@ class SoftmaxCrossEntropy(Loss):
         dz = dx_in[0]  # J̇ = <(p − onehot(y)) / N, ż>
         return None if dz is None else np.asarray(np.vdot(self._error(op), dz), dz.dtype)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         dz = dx_in[0]
         if dz is None:
             return None

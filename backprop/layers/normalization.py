@@ -206,11 +206,14 @@ class LayerNorm(Layer):
         d = {"x": dx_in[0], "gamma": dtheta.get("gamma"), "beta": dtheta.get("beta")}
         return _norm_tangent(op.saved["x_hat"], op.saved["s"], self._axes(), True, gamma, d)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
         x_hat, s = op.saved["x_hat"], op.saved["s"]
         gamma = op.theta["gamma"] if self.affine else None
         d = {"x": dx_in[0], "gamma": dtheta.get("gamma")}
         h_x, h_gamma = _norm_hvp(x_hat, s, self._axes(), True, gamma, g_out, d)
+        h_x = h_x if input_grad else None
         lead = tuple(range(x_hat.ndim - len(self.shape)))
         h_theta = {} if h_gamma is None or not self.affine else {"gamma": h_gamma.sum(axis=lead)}
         return (h_x,), h_theta
@@ -393,13 +396,16 @@ class _BatchNorm(Layer):
         stats = bool(op.saved.get("couples_batch"))
         return _norm_tangent(x_hat, op.saved["s"], self._stat_axes(x_hat), stats, gamma, d)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
         x_hat, axes = op.saved["x_hat"], self._stat_axes(op.saved["x_hat"])
         dgamma = dtheta.get("gamma")
         d = {"x": dx_in[0], "gamma": None if dgamma is None else self._per_channel(dgamma, x_hat)}
         gamma = self._per_channel(op.theta["gamma"], x_hat)
         stats = bool(op.saved.get("couples_batch"))
         h_x, h_gamma = _norm_hvp(x_hat, op.saved["s"], axes, stats, gamma, g_out, d)
+        h_x = h_x if input_grad else None
         return (h_x,), ({} if h_gamma is None else {"gamma": h_gamma.sum(axis=axes)})
 
     def __repr__(self) -> str:

@@ -117,7 +117,11 @@ class Pointwise(Layer):
         (dx,) = dx_in
         return None if dx is None else np.multiply(dx, self._derivative(op, allow_bool=True))
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         (dx,) = dx_in
         if dx is None:
             return None

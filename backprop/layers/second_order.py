@@ -6,13 +6,14 @@ that each layer gives two hooks at its operating point (see ``Layer``):
 - ``_tangent(op, dx_in, dtheta)``: the forward tangent ``ẋ_out = L^x ẋ_in + Σ L^θ θ̇``,
   how the output moves when the inputs move along ``ẋ_in`` and the parameters along
   ``θ̇``;
-- ``_hvp(op, g_out, dx_in, dtheta)``: ``H (ẋ_in, θ̇)``, where ``H`` is the Hessian of
+- ``_hvp(op, g_out, dx_in, dtheta, input_grad)``: ``H (ẋ_in, θ̇)``, where ``H`` is the Hessian of
   the scalar ``<g_out, f(x_in, θ)>`` in ``(x_in, θ)``. The backward pass computes
   ``(g_in, dJ/dθ) = ∇<g_out, f>``; moving the operating point along the tangent
   moves them by ``H`` times it (the gates and weights of the backward network are
   functions of the forward pass, chapter 14.6.5). It returns ``(h_in, h_theta)``:
   one array (or None) per input and ``{name: array}`` in the parameters' shapes,
-  summed over the batch; None for all zero.
+  summed over the batch; None for all zero. With ``input_grad`` False nobody wants
+  ``h_in`` (no gradient flows to the inputs), as for ``_backward``.
 
 Tangents, like gradients, have the shape of what they belong to; None (or a name left
 out of ``dtheta``) stands for zero, so that a product skips what cannot move.
@@ -53,6 +54,7 @@ def linear_hvp(
     g_out: Any,
     dx_in: tuple[Any, ...],
     dtheta: dict[str, np.ndarray],
+    input_grad: bool,
 ) -> None:
     """No second-order term: ``<g_out, f>`` is linear in the inputs, its Hessian is zero."""
     return None

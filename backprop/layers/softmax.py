@@ -120,7 +120,11 @@ class Softmax(Layer):
         p, a = op.x_out, _axis(self, self.axis, op.x_out)
         return _moved(p, dx / np.asarray(self.temperature, p.dtype), a)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         (dx,) = dx_in
         if dx is None:
             return None
@@ -176,7 +180,11 @@ class LogSoftmax(Layer):
         a = _axis(self, self.axis, op.x_out)
         return dx - (np.exp(op.x_out) * dx).sum(axis=a, keepdims=True)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         (dx,) = dx_in  # −ṗ Σg per row
         if dx is None:
             return None

@@ -322,7 +322,11 @@ class Multiply(Layer):
         (x_a, x_b), (d_a, d_b) = op.x_in, dx_in  # ẋ_a x_b + x_a ẋ_b
         return total(None if d_a is None else d_a * x_b, None if d_b is None else x_a * d_b)
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
         d_a, d_b = dx_in  # x_a gets g ẋ_b, x_b gets g ẋ_a
         if d_a is None and d_b is None:
             return None

@@ -124,8 +124,10 @@ class Scale(Layer):
             out = term if out is None else out + term
         return out
 
-    def _hvp(self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
-        (dx,), da = dx_in, dtheta.get("a")
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), da = dx_in, dtheta.get("a") if input_grad else None
         if dx is None and da is None:
             return None
         h_theta = {} if dx is None else {"a": np.asarray(np.vdot(g_out, dx), dx.dtype)}
