@@ -25,6 +25,8 @@ Directions and products are mappings: ``{Parameter: array}`` for the parameters,
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,8 +66,7 @@ class Space:
     def __init__(self, keys: list[Any], shapes: list[tuple[int, ...]], dtypes: list[Any]) -> None:
         self.keys, self.shapes = keys, shapes
         self.dtypes = [np.dtype(d) for d in dtypes]
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        self.offsets = [0, *itertools.accumulate(math.prod(s) for s in shapes)]
         self.size = int(self.offsets[-1])
 
     def flat(self, mapping: Mapping[Any, np.ndarray]) -> np.ndarray:
