@@ -311,7 +311,9 @@ def test_conv_paths_candidates_agree() -> None:
 
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 24
+    assert len(names) == len(set(names)) == 27
+    assert "hvp, small MLP: hvp / one gradient" in names
+    assert "top Hessian eigenvalue, digits MLP: seconds" in names
     for net in ("cnn", "lenet"):
         assert f"{net} step float64: engine / PyTorch" in names
         assert f"{net} step float32: engine / PyTorch (stretch)" in names

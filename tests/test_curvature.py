@@ -540,6 +540,8 @@ def test_refusals_name_the_problem_and_change_nothing() -> None:
     net, (X, y), _ = mlp("tanh", "ce", rng)
     before = [p.value.copy() for p in net.parameters()]
     W = net.parameters()[0]
+    net.forward(X[:3], y[:3])  # an operating point that a refused call must leave alone
+    g_before = net.backward().params
     with pytest.raises(ValueError, match=r"over the limit of .*; use the products"):
         bp.hessian(net, X, y, max_bytes=1000)
     with pytest.raises(ValueError, match=r"v\[.*\] has shape \(2,\)"):
@@ -561,10 +563,12 @@ def test_refusals_name_the_problem_and_change_nothing() -> None:
     assert np.abs(bp.hessian(cost, X)).max() > 0
     with pytest.raises(ValueError, match="splits the model at its loss layers"):
         bp.ggn(cost, X)
-    with pytest.raises(ValueError, match="k must be an int"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         bp.hessian_eigs(net, X, y, k=0)
     for p, b in zip(net.parameters(), before, strict=True):
         assert np.array_equal(p.value, b)
+    g_after = net.backward().params  # still at the point of X[:3]: no refused call ran it
+    assert all(np.array_equal(g_after[p], g_before[p]) for p in net.parameters())
 
 
 def test_without_inputs_the_last_forward_is_used_and_a_stale_point_is_refused() -> None:

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from backprop.curvature.point import Point, give, take
-from backprop.curvature.products import check_size, point, require_loss
+from backprop.curvature.products import check_size, point
 from backprop.curvature.walk import Step, hvp_of
+from backprop.graph import Graph
 from backprop.jacobian.base import DENSE_LIMIT_BYTES
 from backprop.layer import Loss, Parameter
 
@@ -40,16 +41,17 @@ def ggn_blocks(
     the other, in ``model.parameters()`` order. Inputs as for ``bp.ggn``; each block is
     refused above ``max_bytes``.
     """
-    pt = point("ggn_blocks", model, inputs, named, "params")
-    require_loss(pt, "ggn_blocks")
+    if not isinstance(model, Graph):
+        raise TypeError(f"ggn_blocks: expected a Sequential or a Graph, got {type(model).__name__}")
     groups: dict[str, list[Parameter]] = {}
     for name, p in model.named_parameters().items():
         groups.setdefault(name.rpartition(".")[0] or name, []).append(p)
     blocks = {}
-    for group, params in groups.items():
+    for group, params in groups.items():  # refused before the model runs
         n = sum(p.size for p in params)
         check_size(f"ggn_blocks (layer {group!r})", n, max_bytes, "block")
         blocks[group] = np.zeros((n, n))
+    pt = point("ggn_blocks", model, inputs, named, "params", ggn=True)
     for step in pt.flat.steps:
         if not (isinstance(step.layer, Loss) and pt.flows[step.outs[0]]):
             continue

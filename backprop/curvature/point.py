@@ -36,7 +36,7 @@ from backprop.curvature.walk import Flat, Step, flatten, hvp_of, tangent
 from backprop.graph import Graph
 from backprop.layer import Loss, Parameter
 
-__all__ = ["WRT", "Point", "Space", "feed", "give", "take"]
+__all__ = ["WRT", "Point", "Space", "direction", "feed", "give", "space_before", "take"]
 
 WRT = ("params", "inputs")
 
@@ -58,6 +58,50 @@ def feed(where: str, model: Any, inputs: tuple[Any, ...], named: dict[str, Any])
         given = dict(zip(names, inputs, strict=False))
     given.update(named)
     return given
+
+
+def direction(where: str, v: Any, space: Space, wrt: str) -> dict[Any, np.ndarray]:
+    """``v`` (a mapping, or a flat vector) as ``{key: array}`` in ``space``, each array
+    of its key's shape and dtype (absent keys: zero), or an error saying what is wrong."""
+    if isinstance(v, np.ndarray):
+        if v.shape != (space.size,):
+            raise ValueError(f"{where}: a flat v must have shape ({space.size},), got {v.shape}")
+        return space.unflat(v)
+    if not isinstance(v, Mapping):
+        what = "{Parameter: array}" if wrt == "params" else "{input name: array}"
+        raise TypeError(f"{where}: v must be a mapping {what}, got {type(v).__name__}")
+    index = {k: i for i, k in enumerate(space.keys)}
+    out = {}
+    for k, value in v.items():
+        if k not in index:
+            kind = "a parameter of the model" if wrt == "params" else "an input taking a gradient"
+            raise ValueError(f"{where}: v has {k!r}, which is not {kind}")
+        i = index[k]
+        a = np.asarray(value)
+        if a.shape != space.shapes[i] or a.dtype.kind not in "fiu":
+            raise ValueError(
+                f"{where}: v[{k!r}] has shape {a.shape} (dtype {a.dtype}), expected a float "
+                f"array of shape {space.shapes[i]}"
+            )
+        out[k] = a.astype(space.dtypes[i], copy=False)
+    return out
+
+
+def space_before(model: Graph, given: dict, wrt: str) -> Space:
+    """The space of directions, read before any forward pass: the parameters, or the float
+    inputs given (or, with none given, those of the last forward)."""
+    if wrt == "params":
+        params = model.parameters()
+        return Space(params, [p.shape for p in params], [p.dtype for p in params])
+    arrays = {n: np.asarray(given[n]) for n in model.input_names() if n in given}
+    if not given:
+        arrays = {
+            n: np.empty(info.shape or (), info.dtypes[0])
+            for n in model.input_names()
+            if (info := model.node(n)).dtypes[0] is not None
+        }
+    floats = [n for n, a in arrays.items() if a.dtype.kind == "f"]
+    return Space(floats, [arrays[n].shape for n in floats], [arrays[n].dtype for n in floats])
 
 
 class Space:
@@ -164,32 +208,7 @@ class Point:
 
     def check_direction(self, v: Any) -> dict[Any, np.ndarray]:
         """``v`` as ``{key: array}`` of the space's shapes and dtypes (absent keys: zero)."""
-        space = self.space
-        if isinstance(v, np.ndarray):
-            if v.shape != (space.size,):
-                raise ValueError(
-                    f"{self.where}: a flat v must have shape ({space.size},), got {v.shape}"
-                )
-            return space.unflat(v)
-        if not isinstance(v, Mapping):
-            what = "{Parameter: array}" if self.wrt == "params" else "{input name: array}"
-            raise TypeError(f"{self.where}: v must be a mapping {what}, got {type(v).__name__}")
-        index = {k: i for i, k in enumerate(space.keys)}
-        out = {}
-        for k, value in v.items():
-            if k not in index:
-                kind = "a parameter of the model" if self.wrt == "params" else "an input"
-                kind += "" if self.wrt == "params" else " taking a gradient"
-                raise ValueError(f"{self.where}: v has {k!r}, which is not {kind}")
-            i = index[k]
-            a = np.asarray(value)
-            if a.shape != space.shapes[i] or a.dtype.kind not in "fiu":
-                raise ValueError(
-                    f"{self.where}: v[{k!r}] has shape {a.shape} (dtype {a.dtype}), expected "
-                    f"a float array of shape {space.shapes[i]}"
-                )
-            out[k] = a.astype(space.dtypes[i], copy=False)
-        return out
+        return direction(self.where, v, self.space, self.wrt)
 
     def product(
         self,

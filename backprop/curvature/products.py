@@ -19,16 +19,47 @@ from typing import Any
 
 import numpy as np
 
-from backprop.curvature.point import Point, feed
+from backprop.curvature.point import WRT, Point, direction, feed, space_before
+from backprop.curvature.walk import layers
 from backprop.jacobian.base import DENSE_LIMIT_BYTES, _bytes
 from backprop.layer import Loss
 
 __all__ = ["ggn", "ggn_vp", "hessian", "hvp", "point"]
 
 
-def point(where: str, model: Any, inputs: tuple[Any, ...], named: dict, wrt: str) -> Point:
-    """A ``Point`` of ``model`` at ``inputs`` (or at its last forward)."""
-    return Point(model, feed(where, model, inputs, named), wrt, where)
+def point(
+    where: str,
+    model: Any,
+    inputs: tuple[Any, ...],
+    named: dict,
+    wrt: str,
+    v: Any = None,
+    *,
+    ggn: bool = False,
+    max_bytes: int | None = None,
+) -> Point:
+    """A ``Point`` of ``model`` at ``inputs`` (or at its last forward).
+
+    What can be refused without running the model is refused first, so that a refused
+    call leaves the model as it was: ``wrt``, a direction ``v``, a Gauss–Newton matrix
+    of a model without a loss (``ggn``), a dense matrix over ``max_bytes``."""
+    given = feed(where, model, inputs, named)
+    if wrt not in WRT:
+        raise ValueError(f"{where}: wrt must be one of {WRT}, got {wrt!r}")
+    if ggn and not any(isinstance(layer, Loss) for layer in layers(model)):
+        raise ValueError(_NO_LOSS.format(where=where))
+    if v is not None or max_bytes is not None:
+        if not given:
+            model.require_forward(where)
+        space = space_before(model, given, wrt)
+        if v is not None:
+            direction(where, v, space, wrt)
+        if max_bytes is not None:
+            check_size(where, space.size, max_bytes)
+    pt = Point(model, given, wrt, where)
+    if ggn:
+        require_loss(pt, where)
+    return pt
 
 
 def hvp(
@@ -42,7 +73,7 @@ def hvp(
     reverse: one tangent pass forward, one differentiated backward pass
     (``backprop.curvature``), about twice the work of a gradient.
     """
-    pt = point("hvp", model, inputs, named, wrt)
+    pt = point("hvp", model, inputs, named, wrt, v)
     return pt.apply(v)
 
 
@@ -56,8 +87,7 @@ def ggn_vp(
     term dropped except the losses' own, positive semidefinite for a convex loss. The
     arguments are those of ``hvp``. A model without a loss layer is refused.
     """
-    pt = point("ggn_vp", model, inputs, named, wrt)
-    require_loss(pt, "ggn_vp")
+    pt = point("ggn_vp", model, inputs, named, wrt, v, ggn=True)
     return pt.apply(v, ggn=True)
 
 
@@ -75,8 +105,8 @@ def hessian(
     computed, not symmetrized (its symmetry is a check of the products). Refused when
     ``n²`` float64 entries would take more than ``max_bytes``.
     """
-    pt = point("hessian", model, inputs, named, wrt)
-    return _dense(pt, "hessian", max_bytes, ggn=False)
+    pt = point("hessian", model, inputs, named, wrt, max_bytes=max_bytes)
+    return _dense(pt, max_bytes, ggn=False)
 
 
 def ggn(
@@ -87,19 +117,21 @@ def ggn(
     **named: Any,
 ) -> np.ndarray:
     """The dense generalized Gauss–Newton matrix ``Jᵀ H_loss J``, laid out as ``hessian``."""
-    pt = point("ggn", model, inputs, named, wrt)
-    require_loss(pt, "ggn")
-    return _dense(pt, "ggn", max_bytes, ggn=True)
+    pt = point("ggn", model, inputs, named, wrt, ggn=True, max_bytes=max_bytes)
+    return _dense(pt, max_bytes, ggn=True)
+
+
+_NO_LOSS = (
+    "{where}: the generalized Gauss-Newton J^T H_loss J splits the model at its loss layers "
+    "(bp.Loss), and this model has none that the direction reaches; use bp.hvp for the "
+    "Hessian of any scalar cost"
+)
 
 
 def require_loss(pt: Point, where: str) -> None:
     """A ``ValueError`` unless the model has a loss layer where a direction arrives."""
     if not any(isinstance(s.layer, Loss) and pt.flows[s.outs[0]] for s in pt.flat.steps):
-        raise ValueError(
-            f"{where}: the generalized Gauss-Newton J^T H_loss J splits the model at its loss "
-            f"layers (bp.Loss), and this model has none that the direction reaches; use "
-            f"bp.hvp for the Hessian of any scalar cost"
-        )
+        raise ValueError(_NO_LOSS.format(where=where))
 
 
 def check_size(where: str, n: int, max_bytes: int, what: str = "matrix") -> None:
@@ -114,9 +146,9 @@ def check_size(where: str, n: int, max_bytes: int, what: str = "matrix") -> None
         )
 
 
-def _dense(pt: Point, where: str, max_bytes: int, ggn: bool) -> np.ndarray:
+def _dense(pt: Point, max_bytes: int, ggn: bool) -> np.ndarray:
     n = pt.space.size
-    check_size(where, n, max_bytes)
+    check_size(pt.where, n, max_bytes)
     mv = pt.matvec(ggn)
     out = np.empty((n, n))
     for j in range(n):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from backprop.curvature.products import point, require_loss
+from backprop.curvature.products import point
 
 __all__ = [
     "Eigen",
@@ -98,12 +98,12 @@ def hessian_eigs(
     """
     if which not in _WHICH:
         raise ValueError(f"hessian_eigs: which must be one of {_WHICH}, got {which!r}")
-    pt = point("hessian_eigs", model, inputs, named, wrt)
-    if ggn:
-        require_loss(pt, "hessian_eigs")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"hessian_eigs: k must be a positive int, got {k!r}")
+    pt = point("hessian_eigs", model, inputs, named, wrt, ggn=ggn)
     n = pt.space.size
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"hessian_eigs: k must be an int in 1..{n} (the size), got {k!r}")
+    if k > n:
+        raise ValueError(f"hessian_eigs: k must be at most {n} (the size), got {k!r}")
     mv = pt.matvec(ggn)
     if k >= n - 1:  # too small for Lanczos: the dense matrix
         H = np.column_stack([mv(e) for e in np.eye(n)])
@@ -135,9 +135,7 @@ def hessian_trace(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"hessian_trace: n must be an int of at least 2, got {n!r}")
-    pt = point("hessian_trace", model, inputs, named, wrt)
-    if ggn:
-        require_loss(pt, "hessian_trace")
+    pt = point("hessian_trace", model, inputs, named, wrt, ggn=ggn)
     mv, gen = pt.matvec(ggn), np.random.default_rng(rng)
     samples = np.empty(n)
     for i in range(n):
@@ -165,9 +163,7 @@ def hessian_spectrum(
     for what, value in (("steps", steps), ("runs", runs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"hessian_spectrum: {what} must be a positive int, got {value!r}")
-    pt = point("hessian_spectrum", model, inputs, named, wrt)
-    if ggn:
-        require_loss(pt, "hessian_spectrum")
+    pt = point("hessian_spectrum", model, inputs, named, wrt, ggn=ggn)
     mv, gen, n = pt.matvec(ggn), np.random.default_rng(rng), pt.space.size
     m = min(steps, n)
     nodes, weights = np.zeros((runs, m)), np.zeros((runs, m))

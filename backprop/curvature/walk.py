@@ -24,7 +24,7 @@ import numpy as np
 from backprop.graph import Graph
 from backprop.layer import Layer, OperatingPoint, Parameter
 
-__all__ = ["Flat", "Step", "flatten", "hvp_of", "tangent"]
+__all__ = ["Flat", "Step", "flatten", "hvp_of", "layers", "tangent"]
 
 
 @dataclass
@@ -59,12 +59,21 @@ _SKELETONS: weakref.WeakKeyDictionary[Graph, tuple[list[tuple], list[str]]] = (
 )
 
 
-def flatten(model: Graph) -> Flat:
-    """The steps of ``model`` and of every graph nested in it, with their operating points."""
+def _cached(model: Graph) -> tuple[list[tuple], list[str]]:
     skeleton = _SKELETONS.get(model)
     if skeleton is None:
         skeleton = _SKELETONS[model] = _skeleton(model)
-    rows, outputs = skeleton
+    return skeleton
+
+
+def layers(model: Graph) -> list[Layer]:
+    """Every layer of ``model``, nested graphs unrolled, in a topological order."""
+    return [row[1] for row in _cached(model)[0]]
+
+
+def flatten(model: Graph) -> Flat:
+    """The steps of ``model`` and of every graph nested in it, with their operating points."""
+    rows, outputs = _cached(model)
     steps = []
     for name, layer, ins, outs in rows:
         step = Step(name, layer, ins, outs, tuple(layer.params.items()))
