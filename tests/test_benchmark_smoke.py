@@ -341,5 +341,7 @@ def test_curvature_case_contestants_compute_what_they_say() -> None:
     with warnings.catch_warnings():  # torch's forward mode loads through torch.jit.script
         warnings.simplefilter("ignore", DeprecationWarning)
         theirs = curvature.torch_hvp_fn(net, p.X, p.y, v)()
-    for q, t in zip(net.parameters(), theirs, strict=True):
+    double = curvature.torch_double_backward_fn(net, p.X, p.y, v)()
+    for q, t, d in zip(net.parameters(), theirs, double, strict=True):
         np.testing.assert_allclose(ours[q], t, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(ours[q], d, rtol=1e-10, atol=1e-14)

@@ -20,6 +20,7 @@ LABELS = {
     "engine_grad": "backprop gradient (forward + backward)",
     "engine_hvp": "backprop hvp (forward over reverse)",
     "torch_hvp": "torch.func jvp(grad), eager",
+    "torch_rr": "torch autograd, reverse over reverse",
     "engine_eigs": "backprop hessian_eigs (eigsh)",
     "torch_eigs": "eigsh on torch.func jvp(grad)",
 }
