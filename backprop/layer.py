@@ -357,15 +357,10 @@ class Layer:
     # defined: each layer writes them with its own named inputs.
     _forward: Callable[..., Any]
     _check: Callable[..., None] | None = None
-    # Second order (``backprop.curvature``), two optional hooks; ``dx_in`` holds one
-    # tangent per input and ``dtheta`` one per parameter name, None or absent for zero:
-    # ``_tangent(op, dx_in, dtheta) -> dx_out``, the forward tangent ``L^x ẋ + Σ L^θ θ̇``
-    # (None: zero; without the hook, the Jacobians' ``jvp`` give it);
-    # ``_hvp(op, g_out, dx_in, dtheta, input_grad) -> (h_in, h_theta)``, the Hessian of
-    # ``<g_out, f(x_in, θ)>`` times the tangent: what the backward pass's own derivative
-    # adds to ``backward(ġ_out)``. None means zero, as for a layer linear in its inputs
-    # (``backprop.layers.second_order``). Without the hook the curvature tools refuse
-    # the layer, naming it.
+    # Second order (``backprop.curvature``; ``backprop.layers.second_order`` says more):
+    # ``_tangent(op, dx_in, dtheta)``, the forward tangent ``L^x ẋ + Σ L^θ θ̇`` (optional:
+    # the Jacobians' ``jvp`` give it), and ``_hvp(op, g_out, dx_in, dtheta, input_grad)``,
+    # the Hessian of ``<g_out, f>`` times the tangent; without it curvature refuses the layer.
     _tangent: Callable[..., Any] | None = None
     _hvp: Callable[..., Any] | None = None
 

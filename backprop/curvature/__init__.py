@@ -9,21 +9,26 @@ leaves out: how the backward network's weights and gates move when the parameter
 direction ``v`` gives ``H v``.
 
 Two ways to do that. *Reverse over reverse* builds the forward-backward network with
-its dependence on ``x`` and ``θ`` kept and backpropagates through it: every backward
-layer becomes a layer with two inputs (``g`` and the activation that sets its gate),
-so the network to run grows by about half again and a product costs some four
-gradients. *Forward over reverse* pushes a tangent through the same network once,
-forwards: the forward pass carries ``ẋ = L^x ẋ + L^θ θ̇`` (the Jacobians' own
-forward products) and each step of the backward pass carries ``ġ_in = ġ_out L^x +
-g_out L̇^x``, where the second term is the layer's one new piece, the Hessian of
-``<g_out, f(x_in, θ)>`` times the tangent (``_hvp``: ``g h''(x) ẋ`` for a pointwise
-layer, ``g_out Ẇ`` and ``g_outᵀ ẋ`` for a linear one). This package takes forward
-over reverse: each layer states its second derivative once, in closed form, next to
-its backward pass; a product costs the forward tangent (one extra product per linear
-layer, two with a parameter direction) and the backward pass twice (with ``ġ`` and
-with the layer's term), about two gradients, which ``benchmarks/`` measures; and the
-tangents and gradients of the forward pass are reused by every product at one
-operating point (an eigensolver asks for many).
+its dependence on ``x`` and ``θ`` kept (every backward layer becomes a layer with a
+second input, the activation or weight that sets its gate) and backpropagates
+through all of it: a forward pass and a backward pass over a network twice the size
+of the forward one, built anew at every point. *Forward over reverse* pushes a
+tangent through the same network once, forwards: the forward pass carries
+``ẋ = L^x ẋ + L^θ θ̇`` and each step of the backward pass carries
+``ġ_in = ġ_out L^x + g_out L̇^x``, where the second term is the layer's one new piece,
+the Hessian of ``<g_out, f(x_in, θ)>`` times the tangent (``_hvp``: ``g h''(x) ẋ``
+for a pointwise layer, ``g_out Ẇ`` and ``g_outᵀ ẋ`` for a linear one, ``H_loss ż``
+for a loss).
+
+This package takes forward over reverse, for clarity first: each layer states its
+second derivative once, in closed form, next to its backward pass, and the backward
+pass itself is reused unchanged (it is linear in ``g``, so ``backward(ġ_out)`` is the
+first term); no second set of layers is needed. And for speed: the forward and
+backward passes at a point are done once and shared by every product there (an
+eigensolver asks for dozens), and a product then costs one tangent pass forward and
+the backward pass once more with the layers' terms added. ``benchmarks/``
+(``--cases curvature``) times a product against a gradient, against ``torch.func``'s
+``jvp(grad(f))`` and against torch's own reverse over reverse; the README reports it.
 
 Modules: ``walk`` (a model as a flat list of layer steps, through its public
 interface), ``point`` (one operating point, the two walks), ``products`` (``hvp``,

@@ -71,7 +71,7 @@ def hvp(
     an array of its shape (one left out counts as zeros); the result maps every one of
     them, in the same order as ``model.parameters()`` (or the inputs). Forward over
     reverse: one tangent pass forward, one differentiated backward pass
-    (``backprop.curvature``), about twice the work of a gradient.
+    (``backprop.curvature``), after the forward and backward passes at the point.
     """
     pt = point("hvp", model, inputs, named, wrt, v)
     return pt.apply(v)
