@@ -1,9 +1,19 @@
 """backprop: an explicit, layer-based backpropagation engine (Algorithm 14.1)."""
 
-from backprop import datasets, jacobian, plot, recurrent
+from backprop import curvature, datasets, jacobian, plot, recurrent
 from backprop.backward_net import backward_graph
 from backprop.check import GradcheckError, GradcheckReport, gradcheck, numerical_jacobian
 from backprop.checkpoint import load, save
+from backprop.curvature import (
+    ggn,
+    ggn_blocks,
+    ggn_vp,
+    hessian,
+    hessian_eigs,
+    hessian_spectrum,
+    hessian_trace,
+    hvp,
+)
 from backprop.data_grad import input_gradient, optimize_input
 from backprop.graph import Gradients, Graph, Handle, NodeInfo, Sequential
 from backprop.layer import Layer, Loss, Parameter
@@ -109,10 +119,19 @@ __all__ = [
     "ZeroState",
     "accuracy",
     "backward_graph",
+    "curvature",
     "datasets",
     "fit",
     "from_torch",
+    "ggn",
+    "ggn_blocks",
+    "ggn_vp",
     "gradcheck",
+    "hessian",
+    "hessian_eigs",
+    "hessian_spectrum",
+    "hessian_trace",
+    "hvp",
     "input_gradient",
     "jacobian",
     "load",

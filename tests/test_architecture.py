@@ -9,6 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "backprop"
 TOOLS = [
     "check",
+    "curvature",
     "train.py",
     "train_checks.py",
     "checkpoint.py",

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ cli = importlib.import_module("backprop_bench.cli")
 convnets = importlib.import_module("backprop_bench.convnets")
 transformer = importlib.import_module("backprop_bench.transformer")
 rnn = importlib.import_module("backprop_bench.rnn")
+curvature = importlib.import_module("backprop_bench.curvature")
 
 CASES = [(size, dt) for size in ("tiny", "small") for dt in (np.float64, np.float32)]
 
@@ -438,11 +440,38 @@ def test_conv_paths_candidates_agree() -> None:
 
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 28
+    assert len(names) == len(set(names)) == 31
     assert "rnn step float32: engine / PyTorch nn.RNNCell loop" in names
+    assert "hvp, small MLP: hvp / one gradient" in names
+    assert "top Hessian eigenvalue, digits MLP: seconds" in names
     for net in ("cnn", "lenet"):
         assert f"{net} step float64: engine / PyTorch" in names
         assert f"{net} step float32: engine / PyTorch (stretch)" in names
         assert f"{net} step float64: engine / PyTorch (stretch)" not in names
     assert all(g["holds"] is None for g in goals.evaluate_goals([], None))
     assert not any("explicit" in name for name in names)
+
+
+def test_curvature_case_contestants_compute_what_they_say() -> None:
+    # The hand-written gradient is the engine's; the hvp case's torch product is the
+    # engine's hvp (both checked again by the case itself before timing).
+    p = problems.make_problem("small", np.float64)
+    net = problems.build_engine_net(p)
+    net.forward(p.X, p.y)
+    grads = net.backward().params
+    want = [grads[q] for q in net.parameters()]
+    for got, ref in zip(curvature.numpy_gradient(net, p.X, p.y)(), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    if not steps.torch_ok():
+        return
+    import backprop as bp
+
+    v = [np.random.default_rng(3).standard_normal(q.shape) for q in net.parameters()]
+    ours = bp.hvp(net, p.X, p.y, v=dict(zip(net.parameters(), v, strict=True)))
+    with warnings.catch_warnings():  # torch's forward mode loads through torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = curvature.torch_hvp_fn(net, p.X, p.y, v)()
+    double = curvature.torch_double_backward_fn(net, p.X, p.y, v)()
+    for q, t, d in zip(net.parameters(), theirs, double, strict=True):
+        np.testing.assert_allclose(ours[q], t, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(ours[q], d, rtol=1e-10, atol=1e-14)

@@ -11,6 +11,8 @@
   PyTorch's ``nn.RNNCell`` loop and its fused ``nn.RNN``;
 - ``timing``: interleaved timing with medians;
 - ``jacobians`` and ``memory``: the Jacobian and peak-memory cases of the large MLP;
+- ``curvature``: a Hessian-vector product of the small MLP against a gradient and
+  ``torch.func``, and the top Hessian eigenvalue of the demo's digits MLP;
 - ``machine``: what the run ran on;
 - ``goals`` and ``report``: the bounds the ratios are held to, and the tables;
 - ``cli``: the command line.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .convnets import CONV_NETS, run_conv_case
+from .curvature import run_eigen_case, run_hvp_case
 from .goals import evaluate_goals
 from .jacobians import run_jacobian_case
 from .machine import machine_info
@@ -34,6 +35,7 @@ ALL_CASES = (
     "transformer",
     "jacobians",
     "memory",
+    "curvature",
 )
 #: The Jacobian cases: (with respect to, batch).
 JACOBIAN_CASES = (("x", 1), ("x", 32), ("W1", 1))
@@ -88,7 +90,7 @@ def print_machine(machine: dict[str, Any]) -> None:
 
 def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, Any]]:
     """The step cases asked for (MLPs, convnets, the RNN, the transformer block), in every
-    dtype asked for, then the Jacobian cases."""
+    dtype asked for, then the Jacobian cases, then the curvature cases (float64)."""
     results: list[dict[str, Any]] = []
     for size in ("tiny", "small", "large", *CONV_NETS, "rnn"):
         if size in args.cases:
@@ -112,6 +114,11 @@ def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, A
             print(f"timing ∂y/∂{wrt}, batch {batch} ...", flush=True)
             repeats = max(3, args.repeats)
             results.append(run_jacobian_case(wrt, batch, repeats, target, REFUSED_BATCH))
+    if "curvature" in args.cases:
+        print("timing a Hessian-vector product of the small MLP ...", flush=True)
+        results.append(run_hvp_case(args.repeats * FINE, target / FINE))
+        print("timing the top Hessian eigenvalue of the digits MLP ...", flush=True)
+        results.append(run_eigen_case(args.repeats, target))
     return results
 
 
