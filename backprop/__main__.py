@@ -54,16 +54,17 @@ def _parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="train an MLP (figure 14.1) or a CNN on the 8×8 digits, or a transformer that "
-        "reverses digit sequences; gradcheck it, write figures",
+        help="train an MLP (figure 14.1) or a CNN on the 8×8 digits, an RNN on the adding "
+        "problem, or a transformer that reverses digit sequences; gradcheck it, write figures",
         description=(
             "Train Linear → ReLU → Linear → SoftmaxCrossEntropy (--model mlp, the default) or "
             "Conv2d → ReLU → MaxPool2d → Conv2d → ReLU → Flatten → Linear → "
-            "SoftmaxCrossEntropy (--model cnn) on the real 8×8 handwritten digits, or a "
-            "one-block transformer that learns to reverse sequences of 8 digits (--model "
-            "transformer); run the three-way gradcheck on the trained network, write figures, "
-            "and end with the line 'test accuracy: 0.xx' (for the transformer: of the digits "
-            "of held-out sequences)."
+            "SoftmaxCrossEntropy (--model cnn) on the real 8×8 handwritten digits, an "
+            "Elman RNN unrolled over time on the adding problem (--model rnn), or a one-block "
+            "transformer that learns to reverse sequences of 8 digits (--model transformer); "
+            "run the three-way gradcheck on the trained network, write figures, and end with "
+            "the line 'test accuracy: 0.xx' (for the RNN: the sums predicted within 0.04; for "
+            "the transformer: the digits of held-out sequences right)."
         ),
         formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
@@ -101,16 +102,29 @@ def _training_arguments(demo: argparse.ArgumentParser) -> None:
         "--model",
         choices=MODELS,
         default="mlp",
-        help="the network: mlp (figure 14.1), cnn (two conv layers, max pooling) or "
-        "transformer (attention over digit sequences)",
+        help="the network: mlp (figure 14.1), cnn (two conv layers, max pooling), rnn "
+        "(an Elman net on the adding problem) or transformer (attention over digit sequences)",
     )
     demo.add_argument(
         "--hidden",
         type=_positive_int,
         nargs="+",
         metavar="N",
-        help=f"hidden layer sizes of the MLP (--model mlp only): one Linear → ReLU per size "
-        f"{_default('hidden')}",
+        help=f"hidden layer sizes of the MLP (--model mlp: one Linear → ReLU per size) or "
+        f"the RNN's state size (--model rnn) {_default('hidden')}",
+    )
+    demo.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        metavar="T",
+        help=f"steps per sequence of the adding problem (--model rnn only) {_default('seq_len')}",
+    )
+    demo.add_argument(
+        "--truncate",
+        type=_positive_int,
+        metavar="K",
+        help="truncated backprop through time, K steps back (--model rnn only; default: all "
+        "the steps)",
     )
     demo.add_argument(
         "--epochs",
@@ -200,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             augment=args.augment,
             gradcheck_examples=args.gradcheck_examples,
+            seq_len=args.seq_len,
+            truncate=args.truncate,
             progress=args.progress,
         )
     except DemoError as e:

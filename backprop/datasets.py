@@ -8,6 +8,8 @@ shape ``(N,)`` holding int64 class labels ``0 .. n_classes - 1``.
   digits shipped in ``backprop/data/digits.npz`` (see ``backprop/data/README.md``).
 - :func:`make_spirals`, :func:`make_moons`: seeded toy problems a linear model
   cannot separate.
+- :func:`make_adding`: the adding problem, a seeded sequence task that needs memory
+  (its ``y`` is a real number per sequence, ``(N, 1)``, not a label).
 - :func:`train_test_split`: a seeded shuffle and split.
 """
 
@@ -23,6 +25,7 @@ from numpy.typing import DTypeLike, NDArray
 __all__ = [
     "load_digits",
     "load_digits_images",
+    "make_adding",
     "make_moons",
     "make_spirals",
     "train_test_split",
@@ -222,6 +225,51 @@ def make_moons(
     X = np.concatenate([upper, lower]) + sigma * gen.standard_normal((total, 2))
     y = np.repeat(np.array([0, 1], dtype=np.int64), [n_upper, n_lower])
     return X.astype(dt), y
+
+
+def make_adding(
+    n: int = 1000, T: int = 20, rng: RngLike = None, dtype: DTypeLike = np.float64
+) -> tuple[_FloatArray, _FloatArray]:
+    """The adding problem (Hochreiter and Schmidhuber's LSTM paper): a sum to remember.
+
+    Each sequence has ``T`` steps of two numbers: a value drawn uniformly from
+    ``[0, 1)`` and a marker, 1 at exactly two steps (one in the first half of the
+    sequence, one in the second) and 0 elsewhere. The target is the sum of the two
+    marked values. A model must carry the first marked value across up to ``T − 1``
+    steps: predicting the mean, 1, leaves a mean squared error of 1/6.
+
+    Parameters
+    ----------
+    n : int, default 1000
+        Number of sequences (>= 1).
+    T : int, default 20
+        Steps per sequence (>= 2).
+    rng : int, Generator, SeedSequence or None
+        Seed or generator, passed to :func:`numpy.random.default_rng`.
+    dtype : floating dtype, default ``np.float64``
+        dtype of ``X`` and ``y``.
+
+    Returns
+    -------
+    X : ndarray, shape (n, T, 2)
+        The sequences: ``X[:, t, 0]`` the values, ``X[:, t, 1]`` the markers.
+    y : ndarray, shape (n, 1)
+        The sums of the two marked values, in ``[0, 2)``.
+    """
+    count = _check_int("n", n, 1)
+    steps = _check_int("T", T, 2)
+    dt = _float_dtype(dtype)
+    gen = np.random.default_rng(rng)
+
+    values = gen.random((count, steps))
+    half = steps // 2
+    first = gen.integers(0, half, size=count)
+    second = gen.integers(half, steps, size=count)
+    rows = np.arange(count)
+    markers = np.zeros((count, steps))
+    markers[rows, first] = markers[rows, second] = 1.0
+    y = values[rows, first] + values[rows, second]
+    return np.stack([values, markers], axis=2).astype(dt), y[:, None].astype(dt)
 
 
 # ---------------------------------------------------------------- splitting

@@ -1,4 +1,4 @@
-"""The layer protocol: ``Parameter`` and ``Layer``.
+"""The layer protocol: ``Layer`` and ``Loss`` (``Parameter`` is in ``backprop.parameter``).
 
 A layer is ``x_out = f(x_in, θ)`` (eq. 14.1). ``forward`` evaluates it and
 caches the operating point ``[x_in, θ]``; ``backward`` and ``jacobians`` are
@@ -31,93 +31,15 @@ default multiplies through the Jacobians) and ``_jacobians``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from operator import attrgetter
 from typing import Any, ClassVar, NoReturn, cast
 
 import numpy as np
 
 from backprop.finite import loss_not_finite
 from backprop.jacobian import Jacobian
+from backprop.parameter import FLOAT_DTYPES, Parameter, _owned, _value_of, check_float
 
 __all__ = ["FLOAT_DTYPES", "Layer", "Loss", "OperatingPoint", "Parameter", "check_float"]
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-class Parameter:
-    """A free parameter θ (chapter 14.1): an array set by learning.
-
-    ``value`` may be replaced by an array of the same shape and dtype (the
-    optimizers do this). It is read-only: an operating point cached by
-    ``forward`` refers to it, so an in-place edit would silently change the
-    point that ``backward`` differentiates at. Assign a new array instead
-    (``p.value = p.value * 0.5``); the Parameter keeps its own copy. Passing one
-    Parameter to several layers ties them (chapter 14.8): their gradients add up.
-    """
-
-    def __init__(self, value: Any, name: str | None = None) -> None:
-        array = np.array(value, copy=True)
-        if array.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"Parameter{f' {name!r}' if name else ''}: value has dtype {array.dtype}; "
-                f"parameters are float32 or float64 (use np.asarray(value, dtype=np.float64))"
-            )
-        array.flags.writeable = False
-        self._value = array
-        self.name = name
-        self._placed = False  # True while ``name`` is the place a model gave it
-
-    def _set_place(self, name: str) -> None:
-        """Name the Parameter by its place in a model (``"0.W"``), unless its user
-        named it. The outermost model, whose ``output()`` runs last, names it last."""
-        if self.name is None or self._placed:
-            self.name = name
-            self._placed = True
-
-    @property
-    def value(self) -> np.ndarray:
-        return self._value
-
-    @value.setter
-    def value(self, new: Any) -> None:
-        new = np.asarray(new)
-        if new.shape != self._value.shape:
-            raise ValueError(
-                f"{self!r}: new value has shape {new.shape}, expected {self._value.shape}"
-            )
-        if new.dtype != self._value.dtype:
-            raise TypeError(
-                f"{self!r}: new value has dtype {new.dtype}, expected {self._value.dtype}"
-            )
-        self._value = _owned(new)
-
-    def _assign(self, new: np.ndarray) -> None:
-        """Take ``new`` (checked by the caller) as the value, without a copy.
-
-        For an optimizer's freshly computed array, which nobody else holds: it is
-        only marked read-only. Any other array is copied, as by the setter.
-        """
-        if new.base is None:  # it owns its memory, and nobody else holds it
-            new.setflags(write=False)
-            self._value = new
-        else:
-            self._value = _owned(new)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._value.shape
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return self._value.dtype
-
-    @property
-    def size(self) -> int:
-        return int(self._value.size)
-
-    def __repr__(self) -> str:
-        name = f" {self.name!r}" if self.name else ""
-        return f"Parameter{name} {self.shape} {self.dtype.name}"
 
 
 class OperatingPoint:
@@ -136,61 +58,10 @@ class OperatingPoint:
         self.saved: dict[str, Any] = {}
 
 
-def check_float(where: str, what: str, x: Any, dtype: np.dtype[Any] | None = None) -> np.ndarray:
-    """``x`` as a float array, or a clear ``TypeError`` naming ``where`` and ``what``."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
-    if x.dtype not in FLOAT_DTYPES:
-        kind = "integer" if np.issubdtype(x.dtype, np.integer) else "non-float"
-        raise TypeError(
-            f"{where}: {what} has {kind} dtype {x.dtype} (shape {x.shape}); layers take "
-            f"float32 or float64 data: convert with x.astype(np.float64)"
-        )
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(
-            f"{where}: {what} is {x.dtype.name} but the layer works in {dtype.name}; a layer "
-            f"never changes the dtype of its data: convert with x.astype(np.{dtype.name})"
-        )
-    return x
-
-
 #: ``dJ/dJ = 1`` in each float dtype, read-only: a loss's default ``g_out``.
 _ONE = {dtype: np.ones((), dtype=dtype) for dtype in FLOAT_DTYPES}
 for _one in _ONE.values():
     _one.flags.writeable = False
-
-
-#: ``p._value`` of a Parameter, as a C-level getter.
-_value_of = attrgetter("_value")
-
-
-def _owned(x: np.ndarray) -> np.ndarray:
-    """A read-only array whose contents nobody else can change.
-
-    ``x`` itself when it is read-only and so is every array it views; otherwise
-    a read-only copy (a read-only view of a writeable array can still change).
-    """
-    if x.flags.writeable or (x.base is not None and _views_writeable(x)):
-        x = x.copy()
-        # setflags costs about half of assigning x.flags.writeable, on every step's path.
-        x.setflags(write=False)
-    return x
-
-
-def _views_writeable(x: np.ndarray) -> bool:
-    """True if ``x`` is a view into memory that some array may still write."""
-    base: Any = x.base
-    while base is not None:
-        flags = getattr(base, "flags", None)
-        if flags is None:  # a buffer that is not an array (bytes, memoryview, mmap)
-            try:
-                return not memoryview(base).readonly
-            except TypeError:  # not a buffer numpy could have read: assume writeable
-                return True
-        if flags.writeable:
-            return True
-        base = base.base
-    return False
 
 
 class Layer:
@@ -368,6 +239,12 @@ class Layer:
     # defined: each layer writes them with its own named inputs.
     _forward: Callable[..., Any]
     _check: Callable[..., None] | None = None
+    # Second order (``backprop.curvature``; ``backprop.layers.second_order`` says more):
+    # ``_tangent(op, dx_in, dtheta)``, the forward tangent ``L^x ẋ + Σ L^θ θ̇`` (optional:
+    # the Jacobians' ``jvp`` give it), and ``_hvp(op, g_out, dx_in, dtheta, input_grad)``,
+    # the Hessian of ``<g_out, f>`` times the tangent; without it curvature refuses the layer.
+    _tangent: Callable[..., Any] | None = None
+    _hvp: Callable[..., Any] | None = None
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         raise NotImplementedError  # abstract

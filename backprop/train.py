@@ -35,6 +35,7 @@ from backprop.graph import Graph
 from backprop.layer import Layer, Loss, Parameter
 from backprop.layers import SoftmaxCrossEntropy
 from backprop.optim import Adam, Optimizer
+from backprop.recurrent.truncation import Truncation
 from backprop.train_checks import as_array, check_data, dry_run, warn_if_over_budget
 
 __all__ = ["History", "accuracy", "fit", "predict"]
@@ -85,7 +86,9 @@ class _Net:
     input and one output, its prediction, and the loss is separate.
     """
 
-    def __init__(self, model: Any, loss: Layer | None, where: str = "fit") -> None:
+    def __init__(
+        self, model: Any, loss: Layer | None, where: str = "fit", truncate: int | None = None
+    ) -> None:
         if not isinstance(model, Graph):
             raise TypeError(
                 f"{where}: expected a Sequential or a Graph, got {type(model).__name__}"
@@ -114,6 +117,7 @@ class _Net:
             if not isinstance(self.loss, Loss):
                 raise TypeError(f"fit: loss must be a Loss layer, got {self.loss!r}")
         self.input_name, self.label_name = ins[0], ins[-1]
+        self.truncation = Truncation(model, truncate, where)  # a no-op for None
 
     def parameters(self) -> list[Parameter]:
         return list(self.model.parameters())
@@ -128,12 +132,14 @@ class _Net:
         if self.own_loss:
             J = self.model.forward({self.input_name: x, self.label_name: y})
             y_hat = self.loss.operating_point("fit").x_in[0]
-            return float(J), y_hat, self.model.backward(input_grad=False).params
+            with self.truncation:
+                return float(J), y_hat, self.model.backward(input_grad=False).params
         y_hat = self.model.forward({self.input_name: x})
         J = self.loss.forward(y_hat, y)
         g_in, _ = self.loss.backward()
         g = g_in[0] if isinstance(g_in, tuple) else g_in
-        return float(J), y_hat, self.model.backward(g, input_grad=False).params
+        with self.truncation:
+            return float(J), y_hat, self.model.backward(g, input_grad=False).params
 
     def evaluate(self, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
         """``(mean loss, accuracy)`` over a whole set, forward only."""
@@ -252,9 +258,10 @@ def _prepare(
     batch_size: int,
     optimizer: Optimizer | None,
     validation: tuple[Any, Any] | None,
+    truncate: int | None,
 ) -> _Plan:
     """Check every argument and every array (``train_checks``), changing nothing."""
-    net = _Net(model, loss)
+    net = _Net(model, loss, truncate=truncate)
     params = net.parameters()
     if not params:
         raise ValueError(f"fit: the model has no parameters to train ({model!r})")
@@ -292,6 +299,7 @@ def fit(
     rng: int | np.random.Generator | None = _UNSET,
     progress: bool | str = True,
     file: TextIO | None = None,
+    truncate: int | None = None,
     seed: int | np.random.Generator | None = _UNSET,
 ) -> History:
     """Train ``model`` on ``(X, y)`` with shuffled minibatches; return the ``History``.
@@ -314,6 +322,9 @@ def fit(
       the output is a terminal or a notebook) or else prints one line per epoch;
       ``"plain"`` always prints the lines; ``False`` prints nothing.
     - ``file``: where progress goes (``sys.stdout`` by default).
+    - ``truncate``: truncated backprop through time, ``k`` steps back, for every
+      recurrence the model unrolls (``backprop.recurrent.truncated``); None, the
+      default, backpropagates through all the steps.
 
     Every argument and every array is checked before the first step
     (``backprop.train_checks``: shapes, dtypes, finite values, label ranges, the
@@ -332,7 +343,7 @@ def fit(
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
     generator = _generator(rng, seed)
-    plan = _prepare(model, (X, y), loss, batch_size, optimizer, validation)
+    plan = _prepare(model, (X, y), loss, batch_size, optimizer, validation, truncate)
     out = sys.stdout if file is None else file
     history = History()
     plan.start = time.perf_counter()

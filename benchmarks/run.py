@@ -7,6 +7,9 @@ options). In one run it
   convnets (the digits CNN and LeNet-5) and one pre-norm transformer encoder block in
   float64 and float32, with the contestants interleaved round by round, and reports
   the median of the repeats and its ratio to the hand-written numpy step;
+- times one step of backprop through time (an Elman RNN over 32 steps, SGD update)
+  against a hand-written numpy BPTT, PyTorch's ``nn.RNNCell`` called step by step and
+  its fused ``nn.RNN``;
 - times the Jacobians of the large MLP (``∂y/∂x`` for 1 and for 32 examples,
   ``∂y/∂W1`` for 1 example) against the explicit numpy chain ``W3 diag W2 diag W1``
   and ``torch.func.jacrev``;

@@ -9,6 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "backprop"
 TOOLS = [
     "check",
+    "curvature",
     "train.py",
     "train_checks.py",
     "checkpoint.py",
@@ -16,6 +17,7 @@ TOOLS = [
     "backward_net.py",
     "plot",
     "demo.py",
+    "recurrent",
 ]
 
 

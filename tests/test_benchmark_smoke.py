@@ -13,11 +13,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+import backprop as bp
 
 _BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -42,6 +45,8 @@ goals = importlib.import_module("backprop_bench.goals")
 cli = importlib.import_module("backprop_bench.cli")
 convnets = importlib.import_module("backprop_bench.convnets")
 transformer = importlib.import_module("backprop_bench.transformer")
+rnn = importlib.import_module("backprop_bench.rnn")
+curvature = importlib.import_module("backprop_bench.curvature")
 
 CASES = [(size, dt) for size in ("tiny", "small") for dt in (np.float64, np.float32)]
 
@@ -248,7 +253,9 @@ def test_script_runs_as_make_bench_runs_it() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "--cases" in done.stdout
-    assert "tiny,small,large,cnn,lenet,transformer,jacobians,memory" in done.stdout
+    assert "tiny,small,large,cnn,lenet,rnn,transformer,jacobians,memory" in "".join(
+        done.stdout.split()
+    )
 
 
 def test_quick_run_writes_its_results(tmp_path: Path) -> None:
@@ -334,6 +341,82 @@ def test_quick_run_of_the_transformer_block(tmp_path: Path) -> None:
     )
 
 
+def _independent_rnn_step(p: Any) -> tuple[float, list[np.ndarray]]:
+    """One BPTT + SGD step in float64 written plainly: a state list forward, the chain
+    rule step by step backward, every input term recomputed per step."""
+    W_x, W_h, b = (a.astype(np.float64) for a in (p.W_x, p.W_h, p.b))
+    X, Y = p.X.astype(np.float64), p.Y.astype(np.float64)
+    B, T, _ = X.shape
+    hs = [np.zeros((B, W_h.shape[0]))]
+    for t in range(T):
+        hs.append(np.tanh(X[:, t] @ W_x.T + hs[-1] @ W_h.T + b))
+    loss = sum(np.sum((hs[t + 1] - Y[:, t]) ** 2) for t in range(T)) / B
+    gW_x, gW_h, gb = np.zeros_like(W_x), np.zeros_like(W_h), np.zeros_like(b)
+    carry = np.zeros_like(hs[0])
+    for t in reversed(range(T)):
+        g = 2.0 * (hs[t + 1] - Y[:, t]) / B + carry
+        ga = g * (1.0 - hs[t + 1] ** 2)
+        gW_x, gW_h, gb = gW_x + ga.T @ X[:, t], gW_h + ga.T @ hs[t], gb + ga.sum(axis=0)
+        carry = ga @ W_h
+    return float(loss), [W_x - p.lr * gW_x, W_h - p.lr * gW_h, b - p.lr * gb]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_rnn_reference_matches_independent_step(dtype: Any) -> None:
+    p = rnn.make_rnn_problem(dtype)
+    ref = rnn.NumpyRNNStep(p)
+    loss = ref.step()
+    want_loss, want = _independent_rnn_step(p)
+    rtol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(loss, want_loss, rtol=rtol)
+    for got, w in zip(ref.weights(), want, strict=True):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(got, w, rtol=rtol, atol=rtol * np.abs(w).max())
+    assert not np.allclose(ref.weights()[1], p.W_h, rtol=0, atol=0)  # the step moved W_h
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_rnn_contestant_first_step_matches_reference(dtype: Any) -> None:
+    p = rnn.make_rnn_problem(dtype)
+    contestants = rnn.rnn_contestants()
+    assert {"numpy", "engine"} <= set(contestants)
+    if steps.torch_ok():
+        assert {"torch", "torch_fused"} <= set(contestants)
+    for name, factory in contestants.items():
+        ok, msg = rnn.check_rnn_first_step(factory, p)
+        assert ok, f"{name} ({np.dtype(dtype).name}): {msg}"
+
+
+def test_rnn_check_catches_a_wrong_contestant() -> None:
+    class Truncated(rnn.EngineRNNStep):
+        """BPTT cut to 8 steps: a real gradient, of another function."""
+
+        def step(self) -> float:
+            J = self.model.forward(x=self.X, y=self.Y)
+            with bp.truncated(self.model, 8):
+                self.opt.step(self.model.backward(input_grad=False).params)
+            return float(J)
+
+    ok, msg = rnn.check_rnn_first_step(Truncated, rnn.make_rnn_problem())
+    assert not ok and "W_" in msg
+
+
+def test_quick_run_of_the_rnn(tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "results.json", tmp_path / "results.md"
+    args = ["--quick", "--repeats", "1", "--cases", "rnn", "--dtypes", "float32"]
+    assert cli.main([*args, "--json", str(out_json), "--md", str(out_md)]) == 0
+    report = json.loads(out_json.read_text())
+    (result,) = report["results"]
+    assert (result["case"], result["dtype"]) == ("rnn step", "float32")
+    assert all(msg.startswith("ok") for msg in result["checks"].values()), result["checks"]
+    if steps.torch_ok():
+        goals_by_name = {g["goal"]: g for g in report["goals"]}
+        assert goals_by_name["rnn step float32: engine / PyTorch nn.RNNCell loop"]["ratio"]
+        fused = goals_by_name["rnn step float32: engine / PyTorch nn.RNN (fused)"]
+        assert fused["bound"] is None and fused["ratio"] > 0
+        assert "| rnn step | float32 | PyTorch nn.RNN (fused) |" in out_md.read_text()
+
+
 def test_conv_paths_candidates_agree() -> None:
     """``benchmarks/conv_paths.py``: every candidate computes the library's product."""
     spec = importlib.util.spec_from_file_location("conv_paths", _BENCHMARKS / "conv_paths.py")
@@ -357,10 +440,38 @@ def test_conv_paths_candidates_agree() -> None:
 
 def test_goals_table_names_every_goal_once() -> None:
     names = [g["goal"] for g in goals.evaluate_goals([], None)]
-    assert len(names) == len(set(names)) == 26
+    assert len(names) == len(set(names)) == 31
+    assert "rnn step float32: engine / PyTorch nn.RNNCell loop" in names
+    assert "hvp, small MLP: hvp / one gradient" in names
+    assert "top Hessian eigenvalue, digits MLP: seconds" in names
     for net in ("cnn", "lenet"):
         assert f"{net} step float64: engine / PyTorch" in names
         assert f"{net} step float32: engine / PyTorch (stretch)" in names
         assert f"{net} step float64: engine / PyTorch (stretch)" not in names
     assert all(g["holds"] is None for g in goals.evaluate_goals([], None))
     assert not any("explicit" in name for name in names)
+
+
+def test_curvature_case_contestants_compute_what_they_say() -> None:
+    # The hand-written gradient is the engine's; the hvp case's torch product is the
+    # engine's hvp (both checked again by the case itself before timing).
+    p = problems.make_problem("small", np.float64)
+    net = problems.build_engine_net(p)
+    net.forward(p.X, p.y)
+    grads = net.backward().params
+    want = [grads[q] for q in net.parameters()]
+    for got, ref in zip(curvature.numpy_gradient(net, p.X, p.y)(), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    if not steps.torch_ok():
+        return
+    import backprop as bp
+
+    v = [np.random.default_rng(3).standard_normal(q.shape) for q in net.parameters()]
+    ours = bp.hvp(net, p.X, p.y, v=dict(zip(net.parameters(), v, strict=True)))
+    with warnings.catch_warnings():  # torch's forward mode loads through torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = curvature.torch_hvp_fn(net, p.X, p.y, v)()
+    double = curvature.torch_double_backward_fn(net, p.X, p.y, v)()
+    for q, t, d in zip(net.parameters(), theirs, double, strict=True):
+        np.testing.assert_allclose(ours[q], t, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(ours[q], d, rtol=1e-10, atol=1e-14)

@@ -84,11 +84,57 @@ def test_default_cnn_demo_reaches_98_5_percent(tmp_path) -> None:
     assert len(result.history) == 20
 
 
+def test_short_rnn_demo_prints_the_lines_and_writes_the_figures(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figs"
+    argv = ["demo", "--model", "rnn", "--epochs", "2", "--seq-len", "6", "--hidden", "8"]
+    argv += ["--truncate", "4", "--gradcheck-examples", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = "\n".join(lines)
+    assert lines[0] == "backprop demo: an Elman RNN unrolled over 6 steps learns the adding problem"
+    assert "Unrolled(RNNCell(2→8, tanh), T=6, h0=zeros)" in text and "Linear(8→1)" in text
+    assert "backprop through time truncated to 4 steps" in text
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2", "2/2"]
+    (check,) = [line for line in lines if line.startswith("gradcheck on 1 test examples")]
+    assert float(re.search(r"worst relative error (\S+) ", check)[1]) < 1e-2
+    (norms,) = [line for line in lines if line.startswith("‖∂h_T/∂h_0‖ over 64 test sequences")]
+    before, after = (float(v) for v in re.findall(r"(\d\.\d\de[+-]\d+)", norms))
+    assert before > 0 and after > 0
+    assert re.search(r"test set: \d+ of 1000 sums within 0.04 \(mean squared error", text)
+    assert ACCURACY_LINE.fullmatch(lines[-1]), lines[-1]
+    names = ["training_curves.png", "gradient_norms.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for name in names:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_default_rnn_demo_learns_the_adding_problem(tmp_path) -> None:
+    """The goal of the RNN demo with the default settings: most sums within 0.04."""
+    result = run(model="rnn", out=tmp_path, gradcheck_examples=0, progress=False)
+    assert result.test_accuracy >= 0.9
+    assert len(result.history) == 120 and result.history.val_loss[-1] < 0.002
+
+
+def test_run_refuses_settings_of_another_model(tmp_path, capsys) -> None:
+    with pytest.raises(DemoError, match="seq_len: applies to the RNN only .* not to 'mlp'"):
+        run(seq_len=10, out=tmp_path / "figs")
+    with pytest.raises(DemoError, match="truncate: applies to the RNN only .* not to 'cnn'"):
+        run(model="cnn", truncate=5, out=tmp_path / "figs")
+    with pytest.raises(DemoError, match="hidden: the RNN has one state size, got 2"):
+        run(model="rnn", hidden=(8, 8), out=tmp_path / "figs")
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "figs").exists()
+    result = cli("demo", "--seq-len", "5")
+    assert result.returncode == 2 and "argument --seq-len: applies to the RNN only" in result.stderr
+
+
 def test_run_refuses_hidden_for_the_cnn_and_an_unknown_model(tmp_path, capsys) -> None:
     with pytest.raises(DemoError, match="hidden: sets the MLP's hidden layers; .* 'cnn'"):
         run(model="cnn", hidden=(16,), out=tmp_path / "figs")
     with pytest.raises(
-        DemoError, match="model: must be one of mlp, cnn, transformer, got 'resnet'"
+        DemoError, match="model: must be one of mlp, cnn, rnn, transformer, got 'resnet'"
     ):
         run(model="resnet", out=tmp_path / "figs")
     assert capsys.readouterr().out == ""
@@ -119,8 +165,10 @@ def test_help_lists_the_options() -> None:
         "--seed",
         "--out",
         "{sgd,momentum,adam}",
-        "--model {mlp,cnn,transformer}",
-        "(--model mlp only)",
+        "--model {mlp,cnn,rnn,transformer}",
+        "--seq-len",
+        "--truncate",
+        "the RNN's state size (--model rnn)",
     ):
         assert option in demo.stdout
 

@@ -24,6 +24,7 @@ from backprop.jacobian import (
     ConvolutionWeight,
     Dense,
     Diagonal,
+    DiagonalBlocks,
     DiagonalPlusLowRank,
     Identity,
     IndexSelection,
@@ -271,6 +272,22 @@ def convolution_weight_transposed(rng: np.random.Generator) -> Case:
     return ConvolutionWeight(x.copy(), geo, transposed=True), ref
 
 
+def diagonal_blocks(rng: np.random.Generator) -> Case:
+    # 2 × 3 blocks of 4 × 4 diagonals: block (r, c) of example b is diag(d[b, r, c]).
+    d = rng.standard_normal((B, 2, 3, 4))
+    ref = np.zeros((B, 8, 12))
+    for b, r, c, k in itertools.product(range(B), range(2), range(3), range(4)):
+        ref[b, r * 4 + k, c * 4 + k] = d[b, r, c, k]
+    return DiagonalBlocks(d.copy()), ref
+
+
+def diagonal_blocks_column(rng: np.random.Generator) -> Case:
+    # One column of blocks (an LSTM's [∂h'/∂c; ∂c'/∂c]): 3 × 1 blocks of 5 × 5 diagonals.
+    d = rng.standard_normal((B, 3, 1, 5))
+    ref = np.concatenate([_diag(d[:, r, 0]) for r in range(3)], axis=1)
+    return DiagonalBlocks(d.copy(), "column"), ref
+
+
 def index_selection(rng: np.random.Generator) -> Case:
     # Row i of example b holds a 1 at column index[b, i] (columns may repeat: overlapping
     # pooling windows).
@@ -315,6 +332,8 @@ CASES: dict[str, Factory] = {
     "ConvolutionTranspose": convolution_transpose,
     "ConvolutionWeight-grouped": convolution_weight,
     "ConvolutionWeight-transposed": convolution_weight_transposed,
+    "DiagonalBlocks": diagonal_blocks,
+    "DiagonalBlocks-column": diagonal_blocks_column,
     "IndexSelection": index_selection,
     "IndexSelection-scaled": index_selection_scaled,
 }
@@ -543,6 +562,10 @@ def _rb(P: int, m: int, n: int) -> RepeatedBlock:
     return RepeatedBlock(P, R.standard_normal((m, n)), B)
 
 
+def _db(rows: int, cols: int, n: int) -> DiagonalBlocks:
+    return DiagonalBlocks(R.standard_normal((B, rows, cols, n)))
+
+
 COMPOSE_RULES: dict[str, tuple[Callable[[], Jacobian], Callable[[], Jacobian], type]] = {
     # name: (outer, inner, the class the rules promise)
     "Diagonal@Diagonal": (lambda: _d(4), lambda: _d(4), Diagonal),
@@ -575,6 +598,11 @@ COMPOSE_RULES: dict[str, tuple[Callable[[], Jacobian], Callable[[], Jacobian], t
     "RepeatedBlock@RepeatedBlock": (lambda: _rb(3, 2, 4), lambda: _rb(3, 4, 2), RepeatedBlock),
     "RepeatedBlock@RepeatedBlock other P": (lambda: _rb(2, 3, 6), lambda: _rb(3, 4, 2), Product),
     "Diagonal@RepeatedBlock": (lambda: _d(6), lambda: _rb(3, 2, 4), Product),
+    "DiagonalBlocks@DiagonalBlocks": (lambda: _db(2, 4, 3), lambda: _db(4, 1, 3), DiagonalBlocks),
+    "DiagonalBlocks@DiagonalBlocks other n": (lambda: _db(1, 2, 3), lambda: _db(3, 1, 2), Product),
+    "Diagonal@DiagonalBlocks": (lambda: _d(6), lambda: _db(2, 4, 3), DiagonalBlocks),
+    "DiagonalBlocks@Diagonal": (lambda: _db(2, 4, 3), lambda: _d(12), DiagonalBlocks),
+    "DiagonalBlocks@Dense": (lambda: _db(2, 4, 3), lambda: _dense(12, 5), Product),
     "Rows@Tile, one whole copy": (lambda: Rows(6, 2, 2, B), lambda: Tile(3, 2, B), Identity),
     "Rows@Tile, part of one copy": (lambda: Rows(9, 4, 2, B), lambda: Tile(3, 3, B), Rows),
     "Rows@Tile, across copies": (lambda: Rows(6, 1, 2, B), lambda: Tile(3, 2, B), Product),
@@ -668,6 +696,8 @@ SUM_RULES: dict[str, tuple[Callable[[], Jacobian], Callable[[], Jacobian], type]
     "RepeatedBlock+RepeatedBlock": (lambda: _rb(2, 3, 2), lambda: _rb(2, 3, 2), RepeatedBlock),
     "RepeatedBlock+RepeatedBlock other P": (lambda: _rb(2, 3, 2), lambda: _rb(1, 6, 4), Sum),
     "KroneckerMatrix+KroneckerMatrix": (lambda: _km(), lambda: _km(), KroneckerMatrix),
+    "DiagonalBlocks+DiagonalBlocks": (lambda: _db(2, 3, 2), lambda: _db(2, 3, 2), DiagonalBlocks),
+    "DiagonalBlocks+DiagonalBlocks other grid": (lambda: _db(2, 3, 2), lambda: _db(4, 6, 1), Sum),
     "Diagonal+Dense": (lambda: _d(3), lambda: _dense(3, 3), Sum),
 }
 

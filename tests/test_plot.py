@@ -322,3 +322,22 @@ def test_nested_sequential_is_one_box() -> None:
     assert "Sequential of 2\nblock" in words
     assert "block.0.W\n3×3" in words  # its parameters are drawn with their full names
     assert '"param:block.0.W" -> "block" [style=dotted];' in plot.to_dot(g)
+
+
+def test_plot_gradient_norms_draws_the_geometric_mean_of_each_set_on_a_log_scale() -> None:
+    net = bp.unroll(bp.RNNCell(2, 3, rng=0), 6)
+    net.forward(x=np.random.default_rng(1).standard_normal((4, 6, 2)), h0=np.zeros((4, 3)))
+    norms = bp.recurrent.gradient_norms(net)
+    one = np.array([1.0, 0.5, 0.25])
+    fig = plot.plot_gradient_norms({"net": norms, "one sequence": one})
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["net", "one sequence"]
+    np.testing.assert_allclose(lines[0].get_ydata(), np.exp(np.log(norms).mean(axis=0)))
+    np.testing.assert_array_equal(lines[1].get_xdata(), [0, 1, 2])
+    assert is_integer_list(ticks(ax.xaxis))
+    with pytest.raises(ValueError, match="'bad' must be positive finite norms"):
+        plot.plot_gradient_norms({"bad": np.array([1.0, 0.0])})
+    with pytest.raises(TypeError, match="expected {label: norms"):
+        plot.plot_gradient_norms({})

@@ -821,6 +821,32 @@ TORCH_ROWS = [
         _normal((_B, 3, 4)),
         _mha(1),
     ),
+    # torch's own cell functions, those nn.RNNCell and nn.LSTMCell call; b = b_ih (b_hh None)
+    TorchRow(
+        "RNNCell-tanh",
+        lambda: bp.RNNCell(5, 3, rng=3),
+        _normal((_B, 5), (_B, 3)),
+        lambda x, h, W_x, W_h, b: torch.rnn_tanh_cell(x, h, W_x, W_h, b, None),
+    ),
+    TorchRow(
+        "RNNCell-relu-nobias",
+        lambda: bp.RNNCell(4, 3, nonlinearity="relu", bias=False, rng=4),
+        _normal((_B, 4), (_B, 3)),
+        lambda x, h, W_x, W_h: torch.rnn_relu_cell(x, h, W_x, W_h, None, None),
+    ),
+    TorchRow(
+        "LSTMCell",
+        lambda: bp.LSTMCell(5, 3, rng=5),
+        _normal((_B, 5), (_B, 3), (_B, 3)),
+        lambda x, h, c, W_x, W_h, b: torch.lstm_cell(x, (h, c), W_x, W_h, b, None),
+    ),
+    TorchRow("Unstack", lambda: bp.Unstack(3), _normal((_B, 3, 2, 2)), lambda x: x.unbind(1)),
+    TorchRow(
+        "ZeroState",
+        lambda: bp.ZeroState(3),
+        _normal((_B, 4, 2)),
+        lambda x: 0.0 * x.reshape(x.shape[0], -1)[:, :1].expand(-1, 3),
+    ),
 ]
 
 

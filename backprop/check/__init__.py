@@ -5,6 +5,8 @@
 - ``looks``: the second look at a disagreeing entry (kinks, truncation, rounding);
 - ``modes``: entry by entry or along random directions, and how ``"auto"`` picks;
 - ``layer``, ``graph``: checking a ``Layer``, a ``Graph`` (a ``Sequential`` is one);
+- ``second``: the second-order check (``order=2``), Hessian products against
+  differences of the gradient;
 - ``model``: ``gradcheck``, for either.
 """
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from backprop.check.compare import GradcheckReport
 from backprop.check.graph import gradcheck_graph
 from backprop.check.layer import check_layer
+from backprop.check.second import Settings, check_graph_second, check_layer_second
+from backprop.curvature.point import feed
 from backprop.graph import Graph
 from backprop.layer import Layer
 
@@ -24,6 +25,7 @@ def gradcheck(
     rng: Any = None,
     mode: str = "auto",
     directions: int = 3,
+    order: int = 1,
     seed: Any = None,
     **named_inputs: Any,
 ) -> GradcheckReport:
@@ -70,6 +72,13 @@ def gradcheck(
     noise it allows; ``backprop.check.looks`` the entries it excludes at a
     kink). Returns a ``GradcheckReport``; raises ``GradcheckError`` on any
     disagreement. The model is left at its operating point at ``inputs``.
+
+    ``order=2`` checks second derivatives instead, as PyTorch's ``gradgradcheck``:
+    the Hessian products of ``backprop.curvature`` against central differences of
+    the gradient (for a layer, of ``backward(g_out)`` in its inputs and parameters),
+    along random directions or entry by entry as ``mode`` says, plus their symmetry
+    and, for a layer, its forward tangent (``backprop.check.second``). A model must
+    end in a loss (a scalar cost).
     """
     if rng is not None and seed is not None:
         raise TypeError("gradcheck: give rng= (or its old name seed=), not both")
@@ -78,9 +87,15 @@ def gradcheck(
         eps=eps, rtol=rtol, atol=atol, seed=0 if rng is None else rng, mode=mode,
         directions=directions,
     )  # fmt: skip
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"gradcheck: order must be 1 or 2, got {order!r}")
     if isinstance(model, Graph):
-        feed = _feed(model, inputs, named_inputs)
-        return gradcheck_graph(model, feed, seeds=g_out, **options)
+        given = feed("gradcheck", model, inputs, named_inputs)
+        if order == 2:
+            if g_out is not None:
+                raise TypeError("gradcheck(order=2): a model's cost has no g_out to give")
+            return check_graph_second(model, given, Settings(**options))
+        return gradcheck_graph(model, given, seeds=g_out, **options)
     if not isinstance(model, Layer):
         raise TypeError(
             f"gradcheck: expected a Layer or a Graph (a Sequential is one), got "
@@ -91,21 +106,6 @@ def gradcheck(
             f"gradcheck: unexpected keyword(s) {', '.join(map(repr, named_inputs))}; inputs "
             f"by name are for a Graph, a layer takes them positionally"
         )
+    if order == 2:
+        return check_layer_second(model, inputs, g_out, Settings(**options))
     return check_layer(model, inputs, g_out=g_out, **options)
-
-
-def _feed(graph: Graph, inputs: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
-    """A Graph's inputs by name: one mapping, or positionally in declaration order (a
-    chain's ``x``, then its targets), updated by the ones given by name."""
-    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-        feed = dict(inputs[0])
-    else:
-        names = graph.input_names()
-        if len(inputs) > len(names):
-            raise TypeError(
-                f"gradcheck: the model takes {len(names)} input(s) "
-                f"({', '.join(names)}), got {len(inputs)}"
-            )
-        feed = dict(zip(names, inputs, strict=False))
-    feed.update(named)
-    return feed

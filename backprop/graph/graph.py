@@ -317,7 +317,12 @@ class Graph:
                 raise ValueError(f"{where}: mode must be one of {run.MODES}, got {mode!r}")
             if per_example:
                 raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
-        if self._state != "cached" or state.tokens(self) != self._tokens:
+        # The common case, checked in one line: the last forward's operating points are in
+        # place (a model with nested graphs, whose tokens hold more, takes the full check).
+        if (
+            self._state != "cached"
+            or list(map(state.operating_point, self._layers)) != self._tokens
+        ):
             self._require_outputs("backward")
             self._require_cached()  # raises, saying what is missing
         seeds = run.seeds(self, seed, None)

@@ -425,11 +425,22 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
 def _totals(
     graph: Graph, uses: list[tuple[Parameter, str, np.ndarray]], per_example: bool
 ) -> dict[Parameter, np.ndarray]:
-    """Each Parameter's gradient: the sum of its uses (eq. 14.47), zeros if none."""
+    """Each Parameter's gradient: the sum of its uses (eq. 14.47), zeros if none.
+
+    The terms stay as they are (``per_use`` lists them): a tied Parameter's first
+    addition makes one new array, and the later uses are added into it in place.
+    """
     total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
+    summed: set[Parameter] = set()  # the Parameters whose total is an array of our own
     for p, _, grad in uses:
         t = total[p]
-        total[p] = grad if t is None else t + grad
+        if t is None:
+            total[p] = grad
+        elif p in summed:
+            t += grad
+        else:
+            total[p] = t + grad
+            summed.add(p)
     if len(uses) < len(total):  # some Parameter may have had no use
         for p, t in total.items():
             if t is None:

@@ -32,8 +32,9 @@ and ``+``), ``basic`` (Dense, Diagonal, Identity, Sparse), ``structure``
 (Selection, Tile, Rows), ``conv`` (Convolution, ConvolutionTranspose,
 ConvolutionWeight), ``kronecker`` (Kronecker, KroneckerMatrix, RepeatedBlock,
 BlockKronecker), ``lowrank`` (DiagonalPlusLowRank), ``selection``
-(IndexSelection), ``combinators`` (Product, Sum) and ``explicit`` (the literal
-product of Algorithm 14.1).
+(IndexSelection), ``blocks`` (DiagonalBlocks, a grid of diagonals),
+``combinators`` (Product, Sum) and ``explicit`` (the literal product of
+Algorithm 14.1).
 
 This package knows nothing of layers.
 """
@@ -41,6 +42,7 @@ This package knows nothing of layers.
 from backprop.jacobian.algebra import add, compose, compose_rule, sum_rule
 from backprop.jacobian.base import DENSE_LIMIT_BYTES, Jacobian
 from backprop.jacobian.basic import Dense, Diagonal, Identity, Sparse
+from backprop.jacobian.blocks import DiagonalBlocks
 from backprop.jacobian.combinators import Product, Sum
 from backprop.jacobian.conv import Convolution, ConvolutionTranspose, ConvolutionWeight
 from backprop.jacobian.coupled import WholeBatch
@@ -58,6 +60,7 @@ __all__ = [
     "ConvolutionWeight",
     "Dense",
     "Diagonal",
+    "DiagonalBlocks",
     "DiagonalPlusLowRank",
     "Identity",
     "IndexSelection",

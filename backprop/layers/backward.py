@@ -19,6 +19,11 @@ explicit Jacobians. Each is linear in its input ``g``; the numbers it holds
 up, as a loss does: their output has no batch axis (it has the parameter's
 shape) and ``reduces_batch`` is True. Their per-example Jacobian is that of one
 example's term, and the terms add, the convention of a loss's Jacobian.
+
+Being linear in their input, with frozen constants, all of them move a tangent as
+they move their input and have no second-order term: differentiating this network
+twice gives zero. The curvature of the model is in how those constants depend on
+the forward pass, which ``backprop.curvature`` follows.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import scipy.sparse as sp
 
 from backprop.jacobian import Dense, Diagonal, Identity, Jacobian, Sparse
 from backprop.layer import Layer, OperatingPoint, check_float
+from backprop.layers.second_order import linear_hvp, linear_tangent
 
 __all__ = ["BatchSum", "Gate", "Slice", "VJP", "WeightGrad"]
 
@@ -59,6 +65,9 @@ class Gate(Layer):
     gating matrix ``diag(d)`` whose values come from the forward activations.
     Per example ``L^x = diag(d_b)``.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, d: Any, label: str = "d") -> None:
         super().__init__()
@@ -98,6 +107,9 @@ class Slice(Layer):
     ``Merge``: the gradient of merge input ``i`` is its block of ``g_out``.
     Per example ``L^x`` is ``[0 I 0]``, the transpose of eq. 14.41's selection.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, start: int, stop: int, shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
@@ -151,6 +163,9 @@ class VJP(Layer):
     has shape ``shape``, with no batch axis. The map is linear in ``x_in``:
     per example ``L^x = L_bᵀ``.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(
         self, L: Jacobian, shape: tuple[int, ...], *, sum_batch: bool = False, label: str = ""
@@ -211,6 +226,8 @@ class WeightGrad(Layer):
     """
 
     reduces_batch = True
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, x: Any) -> None:
         super().__init__()
@@ -254,6 +271,8 @@ class BatchSum(Layer):
     """
 
     reduces_batch = True
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         return x_in.sum(axis=0)

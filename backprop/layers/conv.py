@@ -5,6 +5,12 @@ example ``L^x`` is the doubly-block Toeplitz matrix of ``W`` (``Convolution``),
 ``L^W`` is ``I ⊗ X_colᵀ`` over the im2col patches, and ``L^b`` copies ``b[c]``
 to every position of channel ``c``. The arithmetic (im2col, col2im) lives in
 ``backprop.jacobian.conv``, shared with the Jacobians.
+
+Second order: like ``Linear``, a convolution is bilinear in ``(x_in, W)``. Along a
+tangent ``(ẋ, Ẇ, ḃ)`` it moves by ``conv(ẋ; W) + conv(x_in; Ẇ) + ḃ``, and the
+Hessian of ``<g_out, conv(x_in; W)>`` gives ``g_out``'s transposed convolution by
+``Ẇ`` for ``x_in`` and the weight gradient of ``g_out`` against the patches of ``ẋ``
+for ``W``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,17 @@ def _bias_jacobian(c: int, P: int, batch: int, dtype: Any) -> Jacobian:
     """``L^b``: output ``(c, p)`` is ``b[c]`` plus the rest, a 0-1 matrix ``I_c ⊗ 1_P``."""
     S = sp.csr_array(sp.kron(sp.eye_array(c, dtype=dtype), np.ones((P, 1), dtype=dtype)))
     return Sparse(S, batch, "I ⊗ 1_P: b[c] at every position of channel c")
+
+
+def _plus_bias(out: Any, db: Any, shape: tuple[int, ...]) -> Any:
+    """``out + ḃ[c]`` at every position of channel ``c`` (``out`` None: zeros of
+    ``shape``), for a bias tangent ``ḃ`` ``(c_out,)`` or None."""
+    if db is None:
+        return out
+    if out is None:
+        return np.broadcast_to(db[:, None, None], shape).copy()
+    out += db[:, None, None]
+    return out
 
 
 class _Conv(Layer):
@@ -123,6 +140,18 @@ class _Conv(Layer):
             raise ValueError(
                 f"{self!r}: x_in has shape {x_in.shape}, expected (B, {self.c_in}, H, W){hint}"
             )
+
+    def _apply(self, op: OperatingPoint, x: Any, W: np.ndarray) -> np.ndarray:
+        raise NotImplementedError  # abstract: the layer's map without bias
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        """``f(ẋ; W) + f(x_in; Ẇ) + ḃ``: the layer is bilinear in ``(x_in, W)``."""
+        (dx,), dW = dx_in, dtheta.get("W")
+        out = None if dx is None else self._apply(op, dx, op.theta["W"])
+        if dW is not None:
+            term = self._apply(op, None, dW)
+            out = term if out is None else out + term
+        return _plus_bias(out, dtheta.get("b"), op.x_out.shape)
 
     def _options(self) -> list[str]:
         words = []
@@ -239,6 +268,23 @@ class Conv2d(_Conv):
             L_theta["b"] = _bias_jacobian(self.c_out, geo.P, B, x_in.dtype)
         return Convolution(op.theta["W"], geo, B), L_theta
 
+    def _apply(self, op: OperatingPoint, x: Any, W: np.ndarray) -> np.ndarray:
+        """``conv(x; W)`` without bias; ``x`` None: the cached input, whose patches are kept."""
+        if x is None:
+            return conv2d(op.x_in[0], W, op.saved["geo"], op.saved["cols"])
+        return conv2d(x, W, op.saved["geo"])
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), dW = dx_in, dtheta.get("W") if input_grad else None
+        if dx is None and dW is None:
+            return None
+        geo = op.saved["geo"]
+        h_in = None if dW is None else conv2d_transpose(g_out, dW, geo)
+        h_theta = {} if dx is None else {"W": conv2d_weight_grad(g_out, unfold(dx, geo), geo)}
+        return (h_in,), h_theta
+
 
 class ConvTranspose2d(_Conv):
     """2-D transposed convolution, exactly as ``torch.nn.ConvTranspose2d``.
@@ -343,3 +389,19 @@ class ConvTranspose2d(_Conv):
         if "b" in op.theta:
             L_theta["b"] = _bias_jacobian(self.c_out, geo.H * geo.W, B, x_in.dtype)
         return L_x, L_theta
+
+    def _apply(self, op: OperatingPoint, x: Any, W: np.ndarray) -> np.ndarray:
+        """The transposed convolution of ``x`` (None: the cached input) by ``W``, no bias."""
+        return conv2d_transpose(op.x_in[0] if x is None else x, W, op.saved["geo"])
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), dW = dx_in, dtheta.get("W") if input_grad else None
+        if dx is None and dW is None:
+            return None
+        geo = op.saved["geo"]
+        cols = unfold(g_out, geo)  # the patches of g_out, as in backward
+        h_in = None if dW is None else conv2d(g_out, dW, geo, cols)
+        h_theta = {} if dx is None else {"W": conv2d_weight_grad(dx, cols, geo)}
+        return (h_in,), h_theta

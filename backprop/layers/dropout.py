@@ -4,6 +4,11 @@ In training mode each entry is kept with probability ``1 − p`` and scaled by
 ``1/(1 − p)``, so the expected output is the input: ``x_out = x_in ⊙ mask/(1 − p)``.
 Per example ``L^x = diag(mask/(1 − p))``, the mask that forward drew. In eval mode
 the layer is the identity.
+
+Second order: for the mask of the cached forward the layer is linear, so it moves a
+tangent by the same mask and adds no second-order term. Curvature in training mode
+is therefore that of the cost with this one mask held fixed, as ``backward`` is its
+gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 
 from backprop.jacobian import Diagonal, Identity, Jacobian
 from backprop.layer import Layer, OperatingPoint
+from backprop.layers.second_order import linear_hvp
 
 __all__ = ["Dropout"]
 
@@ -27,6 +33,8 @@ class Dropout(Layer):
     the same sequence of calls. ``backward`` and ``jacobians`` use the mask of the
     cached forward. A forward that fails its input checks draws nothing.
     """
+
+    _hvp = linear_hvp
 
     def __init__(self, p: float = 0.5, *, rng: Any = None) -> None:
         super().__init__()
@@ -60,6 +68,10 @@ class Dropout(Layer):
         if scale is None:  # eval mode
             return Identity(x[0].size, x.shape[0], x.dtype, "I (dropout off)"), {}
         return Diagonal(scale.reshape(x.shape[0], -1), f"mask/(1 − {self.p:g})"), {}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (dx,), scale = dx_in, op.saved.get("scale")
+        return dx if dx is None or scale is None else dx * scale
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p:g})"

@@ -87,6 +87,13 @@ class Linear(Layer):
     ``L^b = [I; …; I]`` (``Tile``); the fast path reshapes to ``B·P`` rows, one
     matrix product each, and the gradients sum over the positions too.
 
+    Second order: the backward layer of ``Linear`` is ``g ↦ g W`` (eq. 14.36) with
+    ``W`` itself as its weight, and the weight gradient ``g_outᵀ x_in`` reads the
+    forward input. ``<g_out, W x_in + b>`` is bilinear in ``(x_in, W)``: along a
+    tangent ``(ẋ, Ẇ, ḃ)`` its Hessian gives ``g_out Ẇ`` for ``x_in`` and ``g_outᵀ ẋ``
+    for ``W`` (nothing for ``b``, nothing from ``x_in`` to itself). The tangent is
+    ``Ẇ x_in + W ẋ + ḃ``.
+
     ``W`` and ``b`` may be given as arrays or as Parameters (to tie layers,
     chapter 14.8). Otherwise ``W`` and ``b`` are drawn uniformly from
     ``±1/sqrt(n_in)`` with ``rng``. ``dtype`` (float32 or float64) defaults to
@@ -164,7 +171,10 @@ class Linear(Layer):
             return self._backward_positions(op, g_out, input_grad)
         grads = {"W": g_out.T @ x_in}
         if "b" in op.theta:
-            grads["b"] = self._column_sums(g_out)
+            ones = self._ones  # Σ_b g_out[b] as 1ᵀ g_out (see _column_sums), inlined
+            if ones.shape[0] != g_out.shape[0] or ones.dtype != g_out.dtype:
+                ones = self._ones = np.ones(g_out.shape[0], dtype=g_out.dtype)
+            grads["b"] = ones @ g_out
         return (g_out @ W if input_grad else None), grads
 
     def _column_sums(self, g: np.ndarray) -> np.ndarray:
@@ -204,6 +214,42 @@ class Linear(Layer):
         if "b" in op.theta:
             L_theta["b"] = Identity(self.n_out, B, x_in.dtype)
         return Dense(W, "W", batch=B), L_theta
+
+    def _tangent(
+        self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: dict[str, np.ndarray]
+    ) -> Any:
+        (x_in,), (dx,) = op.x_in, dx_in
+        dW, db = dtheta.get("W"), dtheta.get("b")
+        rows = x_in.reshape(-1, self.n_in)
+        out = None if dx is None else dx.reshape(-1, self.n_in) @ op.theta["W"].T  # W ẋ
+        if dW is not None:  # + Ẇ x_in
+            if out is None:
+                out = rows @ dW.T
+            else:
+                out += rows @ dW.T
+        if db is not None:  # + ḃ
+            if out is None:
+                out = np.repeat(db[None, :], rows.shape[0], axis=0)
+            else:
+                out += db
+        return None if out is None else out.reshape(*x_in.shape[:-1], self.n_out)
+
+    def _hvp(
+        self,
+        op: OperatingPoint,
+        g_out: np.ndarray,
+        dx_in: tuple[Any, ...],
+        dtheta: dict[str, np.ndarray],
+        input_grad: bool,
+    ) -> Any:
+        (x_in,), (dx,) = op.x_in, dx_in
+        dW = dtheta.get("W") if input_grad else None
+        if dx is None and dW is None:
+            return None
+        g = g_out.reshape(-1, self.n_out)
+        h_in = None if dW is None else (g @ dW).reshape(x_in.shape)  # g_out Ẇ
+        h_theta = {} if dx is None else {"W": g.T @ dx.reshape(-1, self.n_in)}  # g_outᵀ ẋ
+        return (h_in,), h_theta
 
     def __repr__(self) -> str:
         bias = "" if "b" in self.params else ", bias=False"

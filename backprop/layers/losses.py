@@ -4,6 +4,12 @@ A loss layer's output is the cost ``J``: the mean over the batch of the
 per-example losses (eq. 14.11). Its gradient therefore already carries the
 ``1/B``, and its ``backward()`` starts from ``g_out = dJ/dJ = 1``.
 Per example, ``L^x`` is a single row: ``[1 × |x_in|]`` (eq. 14.34).
+
+Second order: with ``g_out = dJ/dJ``, the Hessian of ``g_out·J`` in the loss's
+input is the loss's own Hessian, the ``H_loss`` of the generalized Gauss–Newton
+``Jᵀ H_loss J``: ``2 I / B`` for the L2 loss, ``(diag(p) − p pᵀ) / N`` per labelled
+position for softmax cross-entropy. Both are positive semidefinite, and both are
+block diagonal over the examples.
 """
 
 from __future__ import annotations
@@ -66,6 +72,28 @@ class L2Loss(Loss):
         e = self._error(op)
         row = e.reshape(e.shape[0], 1, -1)
         return (Dense(row, "2(ŷ - y)/B"), Dense(-row, "-2(ŷ - y)/B")), {}
+
+    def _moved(self, dx_in: tuple[Any, ...]) -> Any:
+        """``ẏ_hat − ẏ``: how the residual ``ŷ − y`` moves (None if it does not)."""
+        d_hat, d_y = dx_in
+        if d_y is None:
+            return d_hat
+        return -d_y if d_hat is None else d_hat - d_y
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        dr = self._moved(dx_in)  # J̇ = 2 <ŷ − y, ẏ_hat − ẏ> / B
+        return None if dr is None else np.asarray(np.vdot(self._error(op), dr), dr.dtype)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
+        dr = self._moved(dx_in)  # H = (2 g_out / B) [I −I; −I I]
+        if dr is None:
+            return None
+        h = dr * (2.0 * float(g_out) / dr.shape[0])
+        return (h, -h), {}
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -208,3 +236,29 @@ class SoftmaxCrossEntropy(Loss):
         e = self._error(op)
         row = e.reshape(e.shape[0], 1, -1)
         return (Dense(row, "(softmax(z) - onehot(y))/N"), None), {}
+
+    def _rows(self, op: OperatingPoint, z: np.ndarray) -> np.ndarray:
+        """An array of the logits' shape as the ``(N, C)`` rows of the labelled positions."""
+        return z if z.ndim == 2 else np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        dz = dx_in[0]  # J̇ = <(p − onehot(y)) / N, ż>
+        return None if dz is None else np.asarray(np.vdot(self._error(op), dz), dz.dtype)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
+        dz = dx_in[0]
+        if dz is None:
+            return None
+        p = op.saved["p"]  # (N, C): per position, (diag(p) − p pᵀ) ż / N
+        pz = p * self._rows(op, dz)
+        h = pz - p * pz.sum(axis=1, keepdims=True)
+        h *= float(g_out) / p.shape[0]
+        shape = dz.shape
+        if len(shape) != 2:  # rows (N, C) back to (B, C, *D)
+            h = np.moveaxis(h.reshape(*shape[:1], *shape[2:], shape[1]), -1, 1)
+            h = np.ascontiguousarray(h)
+        return (h, None), {}

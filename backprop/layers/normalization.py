@@ -14,6 +14,13 @@ a diagonal plus rank 2: ``d = γ/s``, ``U = −(γ/(s m)) [1, x̂]``, ``V = [1, 
   mode that couples the examples: its Jacobians are one ``WholeBatch`` matrix over
   the batch (``Layer.couples_batch``), and per-example gradients are refused. In
   eval mode it uses the running statistics: a diagonal per example.
+
+Second order (``_norm_tangent``, ``_norm_hvp``): along ``ẋ`` the normalised values
+move by ``ẋ̂ = (ẋ − mean ẋ − x̂ mean(x̂ ẋ))/s`` and ``s`` by ``ṡ = mean(x̂ ẋ)``
+(means over the group). The backward pass ``g_in = (G − mean G − x̂ mean(G x̂))/s``,
+``G = γ g``, is differentiated along ``(ẋ, γ̇)`` with ``g`` held: that is the
+Hessian of ``<g, y>`` times the tangent, and it stays within each group. With fixed
+statistics (BatchNorm in eval mode) the means and ``ṡ`` drop out.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import scipy.sparse as sp
 from backprop.jacobian import Diagonal, DiagonalPlusLowRank, Jacobian, Sparse, Tile
 from backprop.jacobian.coupled import WholeBatch
 from backprop.layer import Layer, OperatingPoint, Parameter
+from backprop.layers.second_order import total
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm"]
 
@@ -54,6 +62,58 @@ def _grouped_dplr(
     U = -np.concatenate([(scale / m)[:, :, None] * E, (scale * x_hat / m)[:, :, None] * E], 2)
     V = np.concatenate([np.broadcast_to(E, U.shape[:2] + E.shape[2:]), x_hat[:, :, None] * E], 2)
     return DiagonalPlusLowRank(scale, U, V, label)
+
+
+def _centred(G: np.ndarray, x_hat: np.ndarray, axes: tuple[int, ...], stats: bool) -> np.ndarray:
+    """``G − mean G − x̂ mean(G x̂)`` over each group (``G`` itself without batch ``stats``)."""
+    if not stats:
+        return G
+    return G - G.mean(axis=axes, keepdims=True) - x_hat * (G * x_hat).mean(axis=axes, keepdims=True)
+
+
+def _norm_tangent(
+    x_hat: np.ndarray, s: np.ndarray, axes: tuple[int, ...], stats: bool, gamma: Any, d: dict
+) -> Any:
+    """``ẏ = γ ẋ̂ + γ̇ x̂ + β̇``; ``gamma`` and the tangents ``d`` (keys ``x``, ``gamma``,
+    ``beta``, None for zero) broadcast against ``x̂``; ``gamma`` None without affine."""
+    out = None
+    if d["x"] is not None:
+        out = _centred(d["x"], x_hat, axes, stats) / s
+        if gamma is not None:
+            out *= gamma
+    if d["gamma"] is not None:
+        out = total(out, x_hat * d["gamma"])
+    if d["beta"] is not None:
+        out = out + d["beta"] if out is not None else np.broadcast_to(d["beta"], x_hat.shape).copy()
+    return out
+
+
+def _norm_hvp(
+    x_hat: np.ndarray,
+    s: np.ndarray,
+    axes: tuple[int, ...],
+    stats: bool,
+    gamma: Any,
+    g: np.ndarray,
+    d: dict,
+) -> tuple[Any, Any]:
+    """The Hessian of ``<g, y>`` times ``(ẋ, γ̇)``: ``(h_x, h_γ)``, ``h_γ = g ẋ̂`` not yet
+    summed over the entries that share a ``γ``. Names as for ``_norm_tangent``."""
+    h_x = h_gamma = None
+    if d["gamma"] is not None:  # Ġ = g γ̇ through the backward pass
+        h_x = _centred(g * d["gamma"], x_hat, axes, stats) / s
+    if d["x"] is not None:
+        dx_hat = _centred(d["x"], x_hat, axes, stats) / s
+        h_gamma = g * dx_hat
+        if stats:  # the means and s move with x
+            G = g if gamma is None else g * gamma
+            g_in = _centred(G, x_hat, axes, stats) / s
+            ds = (x_hat * d["x"]).mean(axis=axes, keepdims=True)
+            moved = dx_hat * (G * x_hat).mean(axis=axes, keepdims=True)
+            moved += x_hat * (G * dx_hat).mean(axis=axes, keepdims=True)
+            moved += g_in * ds
+            h_x = total(h_x, -moved / s)
+    return h_x, h_gamma
 
 
 # -- LayerNorm ------------------------------------------------------------------------
@@ -97,6 +157,10 @@ class LayerNorm(Layer):
                 f"{self!r}: x_in has shape {x_in.shape}, expected (B, ..., "
                 f"{', '.join(map(str, self.shape))}): the trailing axes are normalised"
             )
+
+    def _axes(self) -> tuple[int, ...]:
+        """The normalised axes, counted from the end."""
+        return tuple(range(-len(self.shape), 0))
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         # On rows of n entries (one group each): the centred rows are made once and
@@ -167,6 +231,23 @@ class LayerNorm(Layer):
         tile = Tile(G, n, B, x_hat.dtype)
         L_gamma = Diagonal(x_hat.reshape(B, -1), "x̂") @ tile
         return L_x, {"gamma": L_gamma, "beta": tile}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        gamma = op.theta["gamma"] if self.affine else None
+        d = {"x": dx_in[0], "gamma": dtheta.get("gamma"), "beta": dtheta.get("beta")}
+        return _norm_tangent(op.saved["x_hat"], op.saved["s"], self._axes(), True, gamma, d)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        x_hat, s = op.saved["x_hat"], op.saved["s"]
+        gamma = op.theta["gamma"] if self.affine else None
+        d = {"x": dx_in[0], "gamma": dtheta.get("gamma")}
+        h_x, h_gamma = _norm_hvp(x_hat, s, self._axes(), True, gamma, g_out, d)
+        h_x = h_x if input_grad else None
+        lead = tuple(range(x_hat.ndim - len(self.shape)))
+        h_theta = {} if h_gamma is None or not self.affine else {"gamma": h_gamma.sum(axis=lead)}
+        return (h_x,), h_theta
 
     def __repr__(self) -> str:
         shape = self.shape[0] if len(self.shape) == 1 else self.shape
@@ -342,6 +423,28 @@ class _BatchNorm(Layer):
         spread = Sparse(sp.csr_array(onehot), 1, "[c(i) = k]")
         L_gamma = Diagonal(x_hat.reshape(1, -1), "x̂") @ spread
         return WholeBatch(L_x, B), {"gamma": WholeBatch(L_gamma, B), "beta": WholeBatch(spread, B)}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        x_hat = op.saved["x_hat"]
+        d = {"x": dx_in[0]}
+        for name in ("gamma", "beta"):
+            v = dtheta.get(name)
+            d[name] = None if v is None else self._per_channel(v, x_hat)
+        gamma = self._per_channel(op.theta["gamma"], x_hat)
+        stats = bool(op.saved.get("couples_batch"))
+        return _norm_tangent(x_hat, op.saved["s"], self._stat_axes(x_hat), stats, gamma, d)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        x_hat, axes = op.saved["x_hat"], self._stat_axes(op.saved["x_hat"])
+        dgamma = dtheta.get("gamma")
+        d = {"x": dx_in[0], "gamma": None if dgamma is None else self._per_channel(dgamma, x_hat)}
+        gamma = self._per_channel(op.theta["gamma"], x_hat)
+        stats = bool(op.saved.get("couples_batch"))
+        h_x, h_gamma = _norm_hvp(x_hat, op.saved["s"], axes, stats, gamma, g_out, d)
+        h_x = h_x if input_grad else None
+        return (h_x,), ({} if h_gamma is None else {"gamma": h_gamma.sum(axis=axes)})
 
     def __repr__(self) -> str:
         mode = "" if self.training else ", eval"

@@ -23,6 +23,11 @@ The window sizes follow ``torch.nn.MaxPool2d``: output height
 read as ``k_h · k_w`` strided views of the (padded) input, one per offset in the
 window: a max or a mean over windows is a max or a sum of those views, which costs
 a few passes over the output and no copy of the windows.
+
+Second order: every layer here is linear in its input, or piecewise linear with
+the pieces chosen by the data (a max takes the argmax's value), so none adds a
+second-order term; a tangent is moved as the input is (the max reads the tangent
+at the argmax of the operating point).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import scipy.sparse as sp
 
 from backprop.jacobian import IndexSelection, Jacobian, Sparse
 from backprop.layer import Layer, OperatingPoint
+from backprop.layers.second_order import linear_hvp, linear_tangent
 
 __all__ = ["AvgPool2d", "GlobalAvgPool", "GlobalMaxPool", "MaxPool2d", "Upsample"]
 
@@ -55,6 +61,14 @@ def _show(pair: tuple[int, int]) -> str:
     return str(pair[0]) if pair[0] == pair[1] else str(pair)
 
 
+def _at_argmax(flat: np.ndarray, dx: Any, shape: tuple[int, ...]) -> Any:
+    """The tangent of a max: ``ẋ`` read at each window's argmax (``flat``, per example)."""
+    if dx is None:
+        return None
+    B = dx.shape[0]
+    return np.take_along_axis(dx.reshape(B, -1), flat.reshape(B, -1), axis=1).reshape(shape)
+
+
 def _check_images(layer: Layer, x_in: np.ndarray) -> None:
     if x_in.ndim != 4:
         raise ValueError(
@@ -70,6 +84,8 @@ class _Pool2d(Layer):
 
     #: What a padded entry holds: -inf for a max, 0 for a mean.
     _pad_value = 0.0
+    _tangent = linear_tangent  # a mean; the max reads the tangent at its argmax
+    _hvp = linear_hvp
 
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0) -> None:
         super().__init__()
@@ -214,6 +230,9 @@ class MaxPool2d(_Pool2d):
         op.saved["argmax"] = flat
         return flat
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return _at_argmax(self._argmax(op), dx_in[0], op.x_out.shape)
+
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x_in = op.x_in[0]
         kh, kw = self.kernel_size
@@ -287,6 +306,9 @@ class GlobalAvgPool(Layer):
     spreads ``g_out/(H·W)`` over every pixel of the channel.
     """
 
+    _tangent = linear_tangent
+    _hvp = linear_hvp
+
     def _check(self, x_in: np.ndarray) -> None:
         _check_images(self, x_in)
 
@@ -325,6 +347,11 @@ class GlobalMaxPool(Layer):
     maximal pixel in row-major order takes the gradient). Per example ``L^x`` is an
     ``IndexSelection`` with one 1 per channel, at its argmax.
     """
+
+    _hvp = linear_hvp
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return _at_argmax(self._argmax(op), dx_in[0], op.x_out.shape)
 
     def _check(self, x_in: np.ndarray) -> None:
         _check_images(self, x_in)
@@ -368,6 +395,9 @@ class Upsample(Layer):
     positive int or a pair of them. ``L^x`` has one 1 per row, shared by the batch
     (``Sparse``); ``g_in`` sums ``g_out`` over each ``s_h × s_w`` block.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, scale: Any) -> None:
         super().__init__()

@@ -5,7 +5,8 @@ of the per-example flattening (the chapter: "the shape of the data tensor has
 no impact on the math"). For ``Reshape`` and ``Flatten`` the C-order
 flattening does not move at all and ``L^x = I``; ``Transpose`` reorders it,
 and its ``L^x`` is a permutation matrix. The backward passes are views of
-``g_out``: reshaped back, or transposed back by the inverse permutation.
+``g_out``: reshaped back, or transposed back by the inverse permutation. Being
+linear, each moves a tangent as it moves its input and has no second-order term.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import scipy.sparse as sp
 
 from backprop.jacobian import Identity, Jacobian, Sparse
 from backprop.layer import Layer, OperatingPoint
+from backprop.layers.second_order import linear_hvp, linear_tangent
 
 __all__ = ["Flatten", "Reshape", "Transpose"]
 
@@ -33,6 +35,9 @@ def _read_only(g: np.ndarray) -> np.ndarray:
 
 class Reshape(Layer):
     """Gives each example the shape ``shape`` (one entry may be -1); ``L^x = I``."""
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, *shape: int) -> None:
         super().__init__()
@@ -96,6 +101,9 @@ class Transpose(Layer):
     ``π = arange(|x_in|).reshape(shape).transpose(axes).ravel()``. The backward
     pass transposes ``g_out`` back by the inverse permutation.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, *axes: Any) -> None:
         super().__init__()

@@ -16,6 +16,12 @@ batch, is refused: a softmax across examples would couple them). A softmax
 
 Storing the factors costs ``N·R`` numbers per example (``N²/n``): plain for rows
 of a few classes, and the price of one uniform structure for any axis.
+
+Second order, per row, with ``ṗ = p ⊙ (ż − <p, ż>)`` the tangent of ``p`` for
+``ż = ẋ/τ``: the backward pass of Softmax, ``(g ⊙ p − p <g, p>)/τ``, moves by
+``(g ⊙ ṗ − ṗ <g, p> − p <g, ṗ>)/τ``; that of LogSoftmax, ``g − p Σg``, by
+``−ṗ Σg``. These are the Hessians of ``<g, softmax>`` and ``<g, log softmax>``
+times ``ẋ``.
 """
 
 from __future__ import annotations
@@ -215,6 +221,28 @@ class Softmax(Layer):
             L = DiagonalPlusLowRank(flat / tau, U, V, f"({label})/{t:g}" if t != 1 else label)
         return ((L, None) if self.masked else L), {}
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (dx,) = dx_in
+        if dx is None:
+            return None
+        p, a = op.x_out, _axis(self, self.axis, op.x_out)
+        return _moved(p, dx / np.asarray(self.temperature, p.dtype), a)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
+        (dx,) = dx_in
+        if dx is None:
+            return None
+        p, a = op.x_out, _axis(self, self.axis, op.x_out)
+        tau = np.asarray(self.temperature, p.dtype)
+        dp = _moved(p, dx / tau, a)
+        h = g_out * dp - dp * (g_out * p).sum(axis=a, keepdims=True)
+        h -= p * (g_out * dp).sum(axis=a, keepdims=True)
+        return (h / tau,), {}
+
     def __repr__(self) -> str:
         t = f", temperature={self.temperature:g}" if self.temperature != 1.0 else ""
         masks = (", causal=True" if self.causal else "") + (", masked=True" if self.masked else "")
@@ -254,5 +282,29 @@ class LogSoftmax(Layer):
         label = "I − 1 pᵀ" if rows.shape[1] == 1 else "I − Σ_rows 1_r p_rᵀ"
         return DiagonalPlusLowRank(np.ones_like(flat), U, V, label), {}
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (dx,) = dx_in  # ẋ − <p, ẋ> per row
+        if dx is None:
+            return None
+        a = _axis(self, self.axis, op.x_out)
+        return dx - (np.exp(op.x_out) * dx).sum(axis=a, keepdims=True)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
+        (dx,) = dx_in  # −ṗ Σg per row
+        if dx is None:
+            return None
+        a = _axis(self, self.axis, op.x_out)
+        dp = _moved(np.exp(op.x_out), dx, a)
+        return (-dp * g_out.sum(axis=a, keepdims=True),), {}
+
     def __repr__(self) -> str:
         return f"LogSoftmax(axis={self.axis})"
+
+
+def _moved(p: np.ndarray, dz: np.ndarray, a: int) -> np.ndarray:
+    """``ṗ = p ⊙ (ż − <p, ż>)``: how ``p = softmax(z)`` moves along ``ż``, row by row."""
+    return p * (dz - (p * dz).sum(axis=a, keepdims=True))

@@ -1,12 +1,15 @@
 """Layers that shape the graph (chapter 14.7): merge, branch, add, multiply, matmul.
 
 None has a parameter. The Jacobians are selections, stacks of identities and
-diagonals, so the backward passes are slicing, summing and elementwise
-products; ``MatMul``'s are Kronecker products with an identity, and its backward
-pass is two matrix products. ``Reshape`` and ``Flatten`` live in ``backprop.layers.shape`` (with
-``Transpose``) and are importable from here too; the small pieces for worked
-examples (``Constant``, ``Scale``, ``Shift``, ``SumEntries``) live in
-``backprop.layers.worked``.
+diagonals, so the backward passes are slicing, summing and elementwise products;
+``MatMul``'s are Kronecker products with an identity, and its backward pass is two
+matrix products.
+Merge, Branch and Add are linear in their inputs: their tangent is the layer applied
+to the tangents and they add no second-order term. Multiply is bilinear:
+``<g, x_a * x_b>`` has the Hessian ``[0 diag(g); diag(g) 0]``. ``Reshape`` and ``Flatten`` live
+in ``backprop.layers.shape`` (with ``Transpose``) and are importable from here too;
+the small pieces for worked examples (``Constant``, ``Scale``, ``Shift``,
+``SumEntries``) live in ``backprop.layers.worked``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from backprop.jacobian import (
     Tile,
 )
 from backprop.layer import Layer, OperatingPoint, _owned, check_float
+from backprop.layers.second_order import linear_hvp, linear_tangent, total
 from backprop.layers.shape import Flatten, Reshape, _read_only
 
 __all__ = ["Add", "Branch", "Flatten", "MatMul", "Merge", "Multiply", "Reshape"]
@@ -52,6 +56,9 @@ class Merge(Layer):
     ``Merge()`` takes as many inputs as it is given (in a Graph, the handles
     passed to ``add``); ``Merge(n)`` insists on exactly ``n``.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, n: int | None = None, *, axis: int | None = None) -> None:
         super().__init__()
@@ -188,6 +195,8 @@ class Branch(Layer):
     them on and sends no gradient back, as such data gets none.
     """
 
+    _hvp = linear_hvp
+
     def __init__(self, n: int = 2) -> None:
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -246,6 +255,9 @@ class Branch(Layer):
             total += g
         return total, {}
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return None if dx_in[0] is None else (dx_in[0],) * self.n
+
     def _jacobians(self, op: OperatingPoint) -> tuple[Jacobian, dict[str, Jacobian]]:
         x = op.x_in[0]
         if x.dtype.kind in "iub":
@@ -269,6 +281,10 @@ class Add(Layer):
     """``x_out = x_a + x_b`` for two inputs of the same shape; ``L^a = L^b = I``."""
 
     inputs = ("x_a", "x_b")
+    _hvp = linear_hvp
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return total(*dx_in)
 
     def _check(self, x_a: np.ndarray, x_b: np.ndarray) -> None:
         if x_a.shape != x_b.shape:
@@ -315,6 +331,20 @@ class Multiply(Layer):
         x_a, x_b = op.x_in
         B = x_a.shape[0]
         return (Diagonal(x_b.reshape(B, -1), "x_b"), Diagonal(x_a.reshape(B, -1), "x_a")), {}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (x_a, x_b), (d_a, d_b) = op.x_in, dx_in  # ẋ_a x_b + x_a ẋ_b
+        return total(None if d_a is None else d_a * x_b, None if d_b is None else x_a * d_b)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        if not input_grad:  # its only term is on the inputs
+            return None
+        d_a, d_b = dx_in  # x_a gets g ẋ_b, x_b gets g ẋ_a
+        if d_a is None and d_b is None:
+            return None
+        return (None if d_b is None else g_out * d_b, None if d_a is None else g_out * d_a), {}
 
 
 class MatMul(Layer):

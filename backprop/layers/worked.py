@@ -19,6 +19,7 @@ import numpy as np
 
 from backprop.jacobian import Dense, Diagonal, Identity, Jacobian
 from backprop.layer import Layer, OperatingPoint, Parameter, check_float
+from backprop.layers.second_order import linear_hvp, linear_tangent
 from backprop.layers.shape import _read_only
 
 __all__ = ["Constant", "Scale", "Shift", "SumEntries"]
@@ -33,6 +34,10 @@ class Constant(Layer):
     """
 
     inputs: tuple[str, ...] = ()
+    _hvp = linear_hvp
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> None:
+        return None  # a constant does not move
 
     def __init__(self, value: Any) -> None:
         super().__init__()
@@ -67,7 +72,9 @@ class Scale(Layer):
     Parameter (``params["a"]``), or a fixed Python float when
     ``learnable=False``. Per example ``L^x = a I`` and ``L^a = vec(x_in)``, a
     column of ``|x_in|`` rows, so ``dJ/da = Σ_b g_out,b · x_in,b``. Passing one
-    Parameter ``a`` to several Scale layers ties them (eq. 14.47).
+    Parameter ``a`` to several Scale layers ties them (eq. 14.47). ``<g, a x_in>`` is
+    bilinear: along ``(ẋ, ȧ)`` its Hessian gives ``g ȧ`` for ``x_in`` and ``<g, ẋ>``
+    for ``a``.
     """
 
     def __init__(self, a: Any = 1.0, *, learnable: bool = True, dtype: Any = np.float64) -> None:
@@ -109,6 +116,23 @@ class Scale(Layer):
             L_theta["a"] = Dense(x.reshape(B, -1, 1), "vec(x_in)")
         return Diagonal(d, "a I"), L_theta
 
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (dx,), da = dx_in, dtheta.get("a")  # a ẋ + ȧ x_in
+        out = None if dx is None else dx * self._factor(op)
+        if da is not None:
+            term = op.x_in[0] * da
+            out = term if out is None else out + term
+        return out
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        (dx,), da = dx_in, dtheta.get("a") if input_grad else None
+        if dx is None and da is None:
+            return None
+        h_theta = {} if dx is None else {"a": np.asarray(np.vdot(g_out, dx), dx.dtype)}
+        return (None if da is None else g_out * da,), h_theta
+
     def __repr__(self) -> str:
         if self.a is not None:
             return f"Scale({self.a:g}, learnable=False)"
@@ -120,6 +144,11 @@ class Shift(Layer):
 
     ``L^x = I``; no parameters.
     """
+
+    _hvp = linear_hvp
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        return dx_in[0]  # the shift does not move
 
     def __init__(self, c: Any) -> None:
         super().__init__()
@@ -153,6 +182,9 @@ class SumEntries(Layer):
     Per example ``L^x`` is the row of ones ``[1 ... 1]`` (``1 × |x_in|``), so
     ``g_in`` repeats each example's ``g_out`` over its entries.
     """
+
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def _forward(self, op: OperatingPoint, x_in: np.ndarray) -> np.ndarray:
         return x_in.reshape(x_in.shape[0], -1).sum(axis=1, keepdims=True)

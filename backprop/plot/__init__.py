@@ -17,6 +17,8 @@ from the left (eq. 14.8 and 14.10).
   ``L^x`` as the doubly-block Toeplitz matrix next to the kernel it repeats;
 - ``dag``: ``draw_graph`` and ``to_dot``, a model as a DAG (read by ``_view``,
   placed by ``_layout``);
+- ``recurrent``: ``plot_gradient_norms``, ``‖∂h_T/∂h_t‖`` over the steps of an
+  unrolled recurrent net (vanishing and exploding gradients);
 - ``attention``: ``plot_attention``, the attention matrix of each head;
 - ``mixing``: ``plot_three_matrices``, ``∂Y/∂X`` of a token-wise Linear, a convolution
   over tokens and self-attention side by side (the transformers chapter's comparison).
@@ -29,12 +31,14 @@ from backprop.plot.history import plot_history
 from backprop.plot.inputs import plot_input_gradients
 from backprop.plot.jacobians import plot_backward_step, plot_jacobian, plot_sparsity
 from backprop.plot.mixing import plot_three_matrices
+from backprop.plot.recurrent import plot_gradient_norms
 
 __all__ = [
     "draw_graph",
     "plot_attention",
     "plot_backward_step",
     "plot_filters",
+    "plot_gradient_norms",
     "plot_history",
     "plot_input_gradients",
     "plot_jacobian",

@@ -11,19 +11,32 @@ from pathlib import Path
 from typing import Any
 
 from .convnets import CONV_NETS, run_conv_case
+from .curvature import run_eigen_case, run_hvp_case
 from .goals import evaluate_goals
 from .jacobians import run_jacobian_case
 from .machine import machine_info
 from .memory import run_memory_case
 from .problems import DTYPES
 from .report import LABELS, print_report, write_report
+from .rnn import run_rnn_case
 from .steps import run_step_case, torch_ok, torch_version
 from .timing import FINE, FINE_CASES
 from .transformer import run_transformer_case
 
 #: Where ``results.json`` and ``results.md`` go by default: ``benchmarks/``.
 HERE = Path(__file__).resolve().parent.parent
-ALL_CASES = ("tiny", "small", "large", "cnn", "lenet", "transformer", "jacobians", "memory")
+ALL_CASES = (
+    "tiny",
+    "small",
+    "large",
+    "cnn",
+    "lenet",
+    "rnn",
+    "transformer",
+    "jacobians",
+    "memory",
+    "curvature",
+)
 #: The Jacobian cases: (with respect to, batch).
 JACOBIAN_CASES = (("x", 1), ("x", 32), ("W1", 1))
 #: The batch whose dense ∂y/∂W1 is asked for, to show that it is refused.
@@ -76,13 +89,19 @@ def print_machine(machine: dict[str, Any]) -> None:
 
 
 def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, Any]]:
-    """The step cases asked for (MLPs, convnets, the transformer block), in every dtype
-    asked for, then the Jacobian cases."""
+    """The step cases asked for (MLPs, convnets, the RNN, the transformer block), in every
+    dtype asked for, then the Jacobian cases, then the curvature cases (float64)."""
     results: list[dict[str, Any]] = []
-    for size in ("tiny", "small", "large", *CONV_NETS):
+    for size in ("tiny", "small", "large", *CONV_NETS, "rnn"):
         if size in args.cases:
             fine = FINE if size in FINE_CASES else 1  # see FINE
-            run = run_conv_case if size in CONV_NETS else run_step_case
+            run = (
+                run_rnn_case
+                if size == "rnn"
+                else run_conv_case
+                if size in CONV_NETS
+                else run_step_case
+            )
             for dt in (DTYPES[d] for d in args.dtypes):
                 print(f"timing {size} step, {dt.name} ...", flush=True)
                 results.append(run(size, dt, args.repeats * fine, target / fine))
@@ -95,6 +114,11 @@ def run_timed_cases(args: argparse.Namespace, target: float) -> list[dict[str, A
             print(f"timing ∂y/∂{wrt}, batch {batch} ...", flush=True)
             repeats = max(3, args.repeats)
             results.append(run_jacobian_case(wrt, batch, repeats, target, REFUSED_BATCH))
+    if "curvature" in args.cases:
+        print("timing a Hessian-vector product of the small MLP ...", flush=True)
+        results.append(run_hvp_case(args.repeats * FINE, target / FINE))
+        print("timing the top Hessian eigenvalue of the digits MLP ...", flush=True)
+        results.append(run_eigen_case(args.repeats, target))
     return results
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 BOTH = ("float64", "float32")
+#: The reference of a goal on time itself: the median in seconds, not a ratio.
+SECONDS = "seconds"
 
 #: Ratio goals in the order of the table: (case, dtypes, ((contestant, reference, bound,
-#: what), ...)). A step goal names its dtype; a Jacobian goal (float64 only) does not.
+#: what), ...)). A step goal names its dtype; a Jacobian or curvature goal (float64 only)
+#: does not. The reference ``SECONDS`` bounds the contestant's median time itself.
 RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str], ...]], ...] = (
     ("large step", BOTH, (("engine", "numpy", 1.10, "engine / numpy"),)),
     (
@@ -38,6 +41,7 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
     ),
     ("transformer step", ("float64",), (("engine", "torch", 1.0, "engine / PyTorch"),)),
     ("transformer step", ("float32",), (("engine", "torch", 1.5, "engine / PyTorch"),)),
+    ("rnn step", BOTH, (("engine", "torch", 1.0, "engine / PyTorch nn.RNNCell loop"),)),
     *(
         (
             case,
@@ -49,6 +53,23 @@ RATIO_GOALS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str, float, str]
         )
         for case in ("∂y/∂x, batch 1", "∂y/∂x, batch 32")
     ),
+    (
+        "hvp, small MLP",
+        ("float64",),
+        (
+            ("engine_hvp", "engine_grad", 3.0, "hvp / one gradient"),
+            ("engine_hvp", "torch_hvp", 1.0, "hvp / torch.func jvp(grad)"),
+        ),
+    ),
+    (
+        "top Hessian eigenvalue, digits MLP",
+        ("float64",),
+        (("engine_eigs", SECONDS, 2.0, "seconds"),),
+    ),
+)
+#: Ratios reported without a bound: (case, dtypes, contestant, reference, what).
+REPORTED: tuple[tuple[str, tuple[str, ...], str, str, str], ...] = (
+    ("rnn step", BOTH, "engine", "torch_fused", "engine / PyTorch nn.RNN (fused)"),
 )
 #: Peak memory of the large step, engine / numpy, per dtype measured.
 MEMORY_BOUND = 1.25
@@ -59,6 +80,8 @@ def _ratio(results: list[dict[str, Any]], case: str, dtype: str, a: str, b: str)
     for r in results:
         if r["case"] == case and r["dtype"] == dtype:
             t = r["timings"]
+            if a in t and b == SECONDS:
+                return float(t[a]["median_s"])
             if a in t and b in t:
                 return float(t[a]["median_s"] / t[b]["median_s"])
     return None
@@ -84,6 +107,11 @@ def evaluate_goals(
             name = f"{case} {dt}" if case.endswith(" step") else case
             for a, b, bound, what in bounds:
                 goals.append(_bounded(f"{name}: {what}", _ratio(results, case, dt, a, b), bound))
+    for case, dtypes, a, b, what in REPORTED:
+        for dt in dtypes:
+            ratio = _ratio(results, case, dt, a, b)
+            if ratio is not None:
+                goals.append(_goal(f"{case} {dt}: {what}", ratio, None, None, "reported"))
     if memory is not None:
         for dt, m in memory["by_dtype"].items():
             what = f"peak memory, large step {dt}: engine / numpy"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .rnn import TorchFusedRNNStep
 from .steps import AutogradStep, EngineStep, NumpyStep, TorchStep
 from .timing import FINE, FINE_CASES
 
@@ -14,8 +15,16 @@ LABELS = {
     "engine": EngineStep.label,
     "torch": TorchStep.label,
     "autograd": AutogradStep.label,
+    "torch_fused": TorchFusedRNNStep.label,
     "numpy_chain": "numpy chain W3 diag W2 diag W1",
     "jacrev": "torch.func.jacrev",
+    "numpy_grad": "numpy gradient (hand-written)",
+    "engine_grad": "backprop gradient (forward + backward)",
+    "engine_hvp": "backprop hvp (forward over reverse)",
+    "torch_hvp": "torch.func jvp(grad), eager",
+    "torch_rr": "torch autograd, reverse over reverse",
+    "engine_eigs": "backprop hessian_eigs (eigsh)",
+    "torch_eigs": "eigsh on torch.func jvp(grad)",
 }
 
 HEADER = ["case", "dtype", "contestant", "median ms", "× numpy", "× PyTorch"]
@@ -35,7 +44,9 @@ def timing_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in results:
         t = r["timings"]
-        torch_t = t.get("torch", t.get("jacrev"))
+        torch_t = next(
+            (t[k] for k in ("torch", "jacrev", "torch_hvp", "torch_eigs") if k in t), None
+        )
         for cname, v in t.items():
             vs_torch = "" if torch_t is None else f"{v['median_s'] / torch_t['median_s']:.2f}"
             ratio = f"{v['ratio_numpy']:.2f}"
@@ -49,6 +60,8 @@ def goal_rows(goals: list[dict[str, Any]]) -> list[list[str]]:
         ratio = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}"
         bound = "" if g["bound"] is None else f"<= {g['bound']}"
         holds = {True: "yes", False: "NO", None: "not measured"}[g["holds"]]
+        if g["bound"] is None and g["ratio"] is not None:
+            holds = ""  # a ratio reported, held to no bound
         rows.append([g["goal"], ratio, bound, holds, g["note"]])
     return rows
 

@@ -70,7 +70,8 @@ class NumpyStep:
 
 
 class EngineStep:
-    """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``."""
+    """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``,
+    as ``fit`` runs them."""
 
     label = "backprop (fast)"
 
@@ -88,8 +89,7 @@ class EngineStep:
 
     def step(self) -> float:
         J = self.net.forward(self.X, self.y)
-        _, grads = self.net.backward(input_grad=False)
-        self.opt.step(grads)
+        self.opt.step(self.net.backward(input_grad=False).params)  # as fit does
         return float(J)
 
     def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -231,14 +231,27 @@ def check_first_step(
     worst = err
     if not ok:
         return False, f"loss {loss!r} vs reference {ref_loss!r} (rel. error {err:.2e})"
-    for i, ((W, b), (W0, b0)) in enumerate(zip(c.weights(), ref.weights(), strict=True)):
-        for what, got, want in (("W", W, W0), ("b", b, b0)):
-            if np.asarray(got).dtype != p.dtype:
-                return False, f"layer {i} {what} is {np.asarray(got).dtype}, expected {p.dtype}"
-            ok, err = close(got, want, rtol)
-            worst = max(worst, err)
-            if not ok:
-                return False, f"layer {i} {what} after one step: rel. error {err:.2e} > {rtol}"
+    pairs = zip(c.weights(), ref.weights(), strict=True)
+    named = [
+        (f"layer {i} {what}", got, want)
+        for i, ((W, b), (W0, b0)) in enumerate(pairs)
+        for what, got, want in (("W", W, W0), ("b", b, b0))
+    ]
+    return compare_weights(named, p.dtype, rtol, worst)
+
+
+def compare_weights(
+    named: list[tuple[str, Any, Any]], dtype: np.dtype[Any], rtol: float, worst: float
+) -> tuple[bool, str]:
+    """``(ok, note)`` for the weights after one step, ``(name, got, reference)`` each:
+    the dtype kept and the values within ``rtol`` (``worst``: the loss's error so far)."""
+    for what, got, want in named:
+        if np.asarray(got).dtype != dtype:
+            return False, f"{what} is {np.asarray(got).dtype}, expected {dtype}"
+        ok, err = close(got, want, rtol)
+        worst = max(worst, err)
+        if not ok:
+            return False, f"{what} after one step: rel. error {err:.2e} > {rtol}"
     return True, f"max rel. error {worst:.1e}"
 
 
