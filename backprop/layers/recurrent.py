@@ -249,13 +249,17 @@ class RecurrentCell(Layer):
     def _hvp(
         self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
     ) -> Any:
-        """The step's second-order term; with the state cut (truncated BPTT) the state's
-        part is dropped, as its gradient is: what moves is the truncated gradient."""
-        second = self._step_hvp(op, g_out, dx_in, dtheta, input_grad)
-        if second is not None and self.stop_state_gradient:
-            h_in, h_theta = second
-            second = (h_in[0],) + (None,) * len(self.states), h_theta
-        return second
+        """The step's second-order term. With the state cut (truncated backprop through
+        time) it is refused: the truncated gradient drops some paths of the true one and
+        is the gradient of no cost, so it has no Hessian (its derivative is not even
+        symmetric), and nothing here passes one off as such."""
+        if self.stop_state_gradient:
+            raise RuntimeError(
+                f"{self!r}: the gradient of its incoming state is cut (truncated backprop "
+                f"through time, bp.truncated), and a truncated gradient is the gradient of no "
+                f"cost: it has no Hessian. Compute curvature outside the truncated context"
+            )
+        return self._step_hvp(op, g_out, dx_in, dtheta, input_grad)
 
     def _affine_tangent(
         self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: dict[str, np.ndarray]
