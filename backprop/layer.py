@@ -223,6 +223,21 @@ class Layer:
             name: L.vjp(rows).reshape(B, *self.params[name].shape) for name, L in L_theta.items()
         }
 
+    def inner_graph(self, where: str | None = None) -> Any:
+        """The ``Graph`` this layer's forward runs, for a layer built from other layers
+        (``MultiHeadAttention``); None (the default) for a layer that computes its output
+        itself.
+
+        The inner graph's first inputs are the layer's inputs, in order (an inner input
+        beyond them the layer feeds itself), its outputs the layer's outputs, and its
+        layers hold the layer's Parameters. The curvature tools differentiate through
+        those layers, as through a Graph nested in a model, so such a layer writes no
+        second-order hook of its own. With ``where`` (the caller, named in the error),
+        the inner graph must still hold the operating point of this layer's last
+        ``forward``: a ``RuntimeError`` otherwise.
+        """
+        return None
+
     def take_inputs(self, n: int) -> None:
         """Take ``n`` inputs from now on: a ``variadic`` layer fixes its count here.
 
@@ -242,7 +257,8 @@ class Layer:
     # Second order (``backprop.curvature``; ``backprop.layers.second_order`` says more):
     # ``_tangent(op, dx_in, dtheta)``, the forward tangent ``L^x ẋ + Σ L^θ θ̇`` (optional:
     # the Jacobians' ``jvp`` give it), and ``_hvp(op, g_out, dx_in, dtheta, input_grad)``,
-    # the Hessian of ``<g_out, f>`` times the tangent; without it curvature refuses the layer.
+    # the Hessian of ``<g_out, f>`` times the tangent; without it curvature refuses the layer
+    # (unless it runs an ``inner_graph``, whose layers' hooks serve instead).
     _tangent: Callable[..., Any] | None = None
     _hvp: Callable[..., Any] | None = None
 

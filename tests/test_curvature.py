@@ -21,6 +21,8 @@ from backprop.layer import Layer, OperatingPoint
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 F = torch.nn.functional
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
 # torch's forward mode loads its decompositions on first use, through torch.jit.script,
 # which warns of its own deprecation: load them once here, with that warning silenced.
 with warnings.catch_warnings():
@@ -367,6 +369,194 @@ def test_hessian_spectrum_recovers_the_eigenvalues_with_full_lanczos() -> None:
     # Its first moment is the trace over the size, the same quantity Hutchinson estimates.
     mean = np.mean(np.sum(spec.nodes * spec.weights, axis=1))
     assert abs(mean - np.trace(H) / H.shape[0]) < 0.5 * np.abs(exact).max()
+
+
+# -- sequence models: a transformer block, unrolled recurrences ------------------------------
+
+
+def _named(model: bp.Graph, theta: Any, prefix: str) -> dict[str, Any]:
+    """``theta`` cut as ``unflatten`` does, by parameter name less ``prefix``."""
+    names = [n.removeprefix(prefix) for n in model.named_parameters()]
+    return dict(zip(names, unflatten(model, theta), strict=True))
+
+
+def param_space(model: bp.Graph) -> Any:
+    """The parameters of ``model`` as one flat float64 vector (``bp.curvature.Space``)."""
+    params = model.parameters()
+    return bp.curvature.Space(params, [p.shape for p in params], [float] * len(params))
+
+
+def span(model: bp.Graph, name: str) -> slice:
+    """Where the parameter ``name`` sits in the flat vector of ``model.parameters()``."""
+    start = 0
+    for n, p in model.named_parameters().items():
+        if n == name:
+            return slice(start, start + p.size)
+        start += p.size
+    raise KeyError(name)
+
+
+def block_model(causal: bool, rng: np.random.Generator) -> tuple[bp.Graph, dict, Callable]:
+    """A pre-norm transformer block (``bp.transformer_block``, nested as node ``block``)
+    under an L2 loss, with a key padding mask, and the block's output in torch as a
+    function of ``θ`` (and of ``x``): torch's own layer norm and multi-head attention (on
+    the math kernel, which torch differentiates twice)."""
+    d, heads, T, B = 4, 2, 3, 2
+    tb = bp.transformer_block(d, heads, 6, causal=causal, key_padding_mask=True, rng=rng)
+    g = bp.Graph()
+    x, mask, y = g.input("x"), g.input("mask", requires_grad=False), g.input("y")
+    g.output(g.add(bp.L2Loss(), g.add(tb, x, mask, name="block"), y))
+    for p in g.parameters():  # biases and LayerNorm away from their plain 0 and 1
+        p.value = p.value + 0.3 * rng.standard_normal(p.shape)
+    keys = rng.random((B, T)) < 0.5
+    keys[:, 0] = False  # every query keeps a key: torch's rows are then all defined
+    feed = {"x": rng.standard_normal((B, T, d)), "mask": keys, "y": rng.standard_normal((B, T, d))}
+    hidden = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1) if causal else None
+
+    def block(theta: Any, x: Any = None) -> Any:
+        P = _named(g, theta, "block.")
+        xx = torch.tensor(feed["x"]) if x is None else x
+        n1 = F.layer_norm(xx, (d,), P["norm1.gamma"], P["norm1.beta"])
+        q = n1.transpose(0, 1)  # (T, B, d)
+        w_in = torch.cat([P["attn.Wq"], P["attn.Wk"], P["attn.Wv"]])
+        b_in = torch.cat([P["attn.bq"], P["attn.bk"], P["attn.bv"]])
+        with sdpa_kernel(SDPBackend.MATH):
+            a, _ = F.multi_head_attention_forward(
+                q, q, q, d, heads, w_in, b_in, None, None, False, 0.0,
+                P["attn.Wo"], P["attn.bo"], need_weights=False,
+                key_padding_mask=torch.tensor(feed["mask"]), attn_mask=hidden,
+            )  # fmt: skip
+        h = xx + a.transpose(0, 1)
+        n2 = F.layer_norm(h, (d,), P["norm2.gamma"], P["norm2.beta"])
+        return h + F.linear(F.relu(F.linear(n2, P["ff1.W"], P["ff1.b"])), P["ff2.W"], P["ff2.b"])
+
+    return g, feed, block
+
+
+def l2(out: Any, y: np.ndarray) -> Any:
+    """``L2Loss`` in torch: the squared error summed per example, averaged over the batch."""
+    return ((out - torch.tensor(y)) ** 2).flatten(1).sum(1).mean()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_transformer_block_hessian_and_hvp_match_torch(causal: bool) -> None:
+    rng = np.random.default_rng(20)
+    g, feed, block = block_model(causal, rng)
+    theta = flat_params(g)
+
+    def f(th: Any, x: Any = None) -> Any:
+        return l2(block(th, x), feed["y"])
+
+    H = bp.hessian(g, feed)
+    assert H.shape == (154, 154)  # LayerNorms 16, attention 80, feed-forward 30 + 28
+    expected = torch.autograd.functional.hessian(f, theta).numpy()
+    close(H, expected)
+    v = rng.standard_normal(H.shape[0])
+    space = param_space(g)
+    close(space.flat(bp.hvp(g, feed, v=space.unflat(v))), expected @ v)
+    # Attention's own curvature is in it: W_q against W_k (queries against keys).
+    assert np.abs(H[span(g, "block.attn.Wq"), span(g, "block.attn.Wk")]).max() > 1e-2
+    assert not H[:, span(g, "block.attn.bk")].any()  # b_k shifts whole rows of scores
+    # Along the data too (mixed through every layer), against torch's forward over reverse.
+    X = torch.tensor(feed["x"])
+    u = rng.standard_normal(X.shape)
+    Hx = bp.hvp(g, feed, v={"x": u}, wrt="inputs")
+    close(Hx["x"], torch_hvp(lambda x: f(theta, x), X, u))
+    # The Gauss-Newton part walks the same inner layers, to first order only.
+    G = bp.ggn(g, feed)
+    close(G, torch_ggn(g, theta, block, lambda z: l2(z, feed["y"])))
+    assert bp.gradcheck(g, feed, order=2, mode="directions").worst < 1e-6
+
+
+def test_attention_whose_inner_graph_ran_alone_is_refused() -> None:
+    # Its second derivatives come from the inner graph's operating point: one that no
+    # longer belongs to the layer's forward is refused, in a model and alone.
+    rng = np.random.default_rng(24)
+    g, feed, _ = block_model(False, rng)
+    g.forward(feed)
+    mha = g["block"]["attn"]
+    x = mha.operating_point().x_in[0]
+    mha.graph.forward(x=x + 1.0, key_padding_mask=feed["mask"])
+    with pytest.raises(RuntimeError, match=r"MultiHeadAttention.*inner graph .* on its own"):
+        bp.hessian(g)
+    with pytest.raises(RuntimeError, match="inner graph"):
+        bp.curvature.layer_hvp(mha, np.ones(x.shape), [np.ones(x.shape), None])
+    mha.forward(x, feed["mask"])  # its own forward again: the products are back
+    h_in, _ = bp.curvature.layer_hvp(mha, np.ones(x.shape), [np.ones(x.shape), None])
+    assert h_in[1] is None and np.abs(h_in[0]).max() > 0  # the mask takes no curvature
+
+
+def rnn_model(kind: str, rng: np.random.Generator) -> tuple[bp.Graph, dict, Callable]:
+    """``bp.unroll(cell, 4)`` (nested as node ``rnn``, its weights tied across the steps)
+    under a token-wise Linear and an L2 loss, and its torch twin: torch's own cell
+    functions, step by step."""
+    n_in, n, T, B = 3, 4, 4, 3
+    cell = bp.RNNCell(n_in, n, rng=rng) if kind == "rnn" else bp.LSTMCell(n_in, n, rng=rng)
+    rnn = bp.unroll(cell, T)
+    g = bp.Graph()
+    states = [g.input(name) for name in rnn.input_names()]  # x, h0 (and c0)
+    y = g.input("y")
+    hidden = g.add(rnn, *states, name="rnn")
+    g.output(g.add(bp.L2Loss(), g.add(bp.Linear(n, 2, rng=rng), hidden, name="head"), y))
+    feed = {name: rng.standard_normal((B, n)) for name in rnn.input_names()[1:]}
+    feed.update(x=rng.standard_normal((B, T, n_in)), y=rng.standard_normal((B, T, 2)))
+
+    def f(theta: Any) -> Any:
+        P = _named(g, theta, "")
+        W_x, W_h, b = P["rnn.step0.W_x"], P["rnn.step0.W_h"], P["rnn.step0.b"]
+        X = torch.tensor(feed["x"])
+        h, out = torch.tensor(feed["h0"]), []
+        c = torch.tensor(feed["c0"]) if kind == "lstm" else None
+        for t in range(T):
+            if kind == "rnn":
+                h = torch.rnn_tanh_cell(X[:, t], h, W_x, W_h, b, None)
+            else:
+                h, c = torch.lstm_cell(X[:, t], (h, c), W_x, W_h, b, None)
+            out.append(h)
+        return l2(F.linear(torch.stack(out, 1), P["head.W"], P["head.b"]), feed["y"])
+
+    return g, feed, f
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_unrolled_recurrence_hessian_and_hvp_match_torch(kind: str) -> None:
+    rng = np.random.default_rng(21)
+    g, feed, f = rnn_model(kind, rng)
+    theta = flat_params(g)
+    assert len(g.parameters()) == 5  # W_x, W_h, b once for all four steps, then the head
+    H = bp.hessian(g, feed)
+    expected = torch_hessian(f, theta)
+    close(H, expected)
+    v = rng.standard_normal(H.shape[0])
+    space = param_space(g)
+    close(space.flat(bp.hvp(g, feed, v=space.unflat(v))), torch_hvp(f, theta, v))
+    W_h = span(g, "rnn.step0.W_h")  # the recurrence's own curvature, summed over the steps
+    assert np.abs(H[W_h, W_h]).max() > 1e-2
+
+
+def test_a_truncated_recurrence_has_no_hessian() -> None:
+    g, feed, f = rnn_model("rnn", np.random.default_rng(23))
+    v = {p: np.ones(p.shape) for p in g.parameters()}
+    with bp.truncated(g, 2), pytest.raises(RuntimeError, match=r"RNNCell.*truncated .*no Hessian"):
+        bp.hvp(g, feed, v=v)
+    space = param_space(g)  # the same call outside the context: the true Hessian
+    close(space.flat(bp.hvp(g, feed, v=v)), torch_hvp(f, flat_params(g), space.flat(v)))
+
+
+def test_hessian_eigs_of_an_unrolled_rnn_with_tied_weights() -> None:
+    rng = np.random.default_rng(22)
+    g, feed, f = rnn_model("rnn", rng)
+    expected = torch_hessian(f, flat_params(g))
+    exact = np.linalg.eigvalsh((expected + expected.T) / 2)
+    space = param_space(g)
+    for which, want in (("LA", exact[::-1][:2]), ("SA", exact[:2][::-1])):
+        eig = bp.hessian_eigs(g, feed, k=2, which=which, rng=0)
+        close(eig.values, want, rtol=1e-7)
+        for lam, vec in zip(eig.values, eig.vectors, strict=True):
+            assert list(vec) == g.parameters()  # one direction per tied Parameter
+            u = space.flat(vec)
+            close(expected @ u, lam * u, rtol=1e-6, atol=1e-6)
+    assert exact[0] < 0 < exact[-1]  # indefinite: both ends are worth finding
 
 
 # -- training-mode layers: the mask held, the batch statistics differentiated ---------------

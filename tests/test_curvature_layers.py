@@ -8,12 +8,15 @@ included) and random tangents ``(ẋ, θ̇)`` of its float inputs and parameters
   ``<g_out, f>`` times the tangent, from torch's autograd run twice
   (``create_graph=True``).
 
-Nothing the library computed goes to torch but the starting values.
+Nothing the library computed goes to torch but the starting values. torch's attention
+runs on its math kernel here (the same function, written with matmul and softmax): its
+fused CPU kernel has neither a forward mode nor a double backward.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,32 @@ ROWS = [
     ),
 ]
 NO_SECOND_ORDER = {"Pointwise-sin"}
+#: Rows with a second-order term that is not zero (the check below can fail).
+NONZERO = {
+    "Linear",
+    "Tanh",
+    "SoftmaxCrossEntropy",
+    "BatchNorm1d-train",
+    "MatMul",
+    "Softmax-key-mask",
+    "MultiHeadAttention",
+    "RNNCell-tanh",
+    "LSTMCell",
+}
+#: Parameters the output does not read: attention's key bias adds the same amount to every
+#: score of a row, which the softmax ignores. torch differentiates through that sum, and
+#: its (zero) curvature comes out as rounding noise, ~1e-12 beside products of ~100.
+NOT_READ = {(name, "bk") for name in ("MultiHeadAttention", "MultiHeadAttention-causal-key-mask")}
+
+
+@pytest.fixture(autouse=True)
+def _math_attention() -> Iterator[None]:
+    """torch's scaled dot-product attention on its math kernel, which torch can
+    differentiate forward and twice (the fused one refuses both)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _is_float(x: np.ndarray) -> bool:
@@ -121,8 +150,14 @@ def test_hvp_matches_torch_double_backward(row: TorchRow) -> None:
     for i, x in enumerate(xs):
         if not _is_float(x):
             assert h_in[i] is None  # labels take no tangent and get no curvature
+    scale = max(float(np.abs(e.numpy()).max(initial=0.0)) for e in expected)
     for k, name in enumerate(names):
+        if (row.name, name) in NOT_READ:
+            # Ours is exactly zero; torch's, its rounding: small against the rest.
+            assert not np.any(h_theta[name])
+            assert np.abs(expected[len(floats) + k].numpy()).max() <= 1e-14 * scale
+            continue
         close(h_theta[name], expected[len(floats) + k])
     # The test can fail: some row has a nonzero second-order term.
-    if row.name in ("Linear", "Tanh", "SoftmaxCrossEntropy", "BatchNorm1d-train"):
+    if row.name in NONZERO:
         assert any(np.abs(e.numpy()).max() > 1e-3 for e in expected)

@@ -31,7 +31,8 @@ the backward pass once more with the layers' terms added. ``benchmarks/``
 ``jvp(grad(f))`` and against torch's own reverse over reverse; the README reports it.
 
 Modules: ``walk`` (a model as a flat list of layer steps, through its public
-interface), ``point`` (one operating point, the two walks), ``products`` (``hvp``,
+interface: a nested graph, or a layer that runs one such as attention, becomes the
+steps of its layers), ``point`` (one operating point, the two walks), ``products`` (``hvp``,
 ``hessian``, ``ggn_vp``, ``ggn``), ``blocks`` (exact per-layer GGN blocks),
 ``spectrum`` (``hessian_eigs``, ``hessian_trace``, ``hessian_spectrum``) and
 ``layer`` (the hooks of one layer, checked).

@@ -6,6 +6,11 @@ dtheta)`` run a layer's ``_tangent`` and ``_hvp`` at the operating point of its 
 that does not move, a parameter left out of ``dtheta`` for one that does not) and
 return every result in full: zeros where the hook said None. ``gradcheck(layer,
 ..., order=2)`` checks them against finite differences of ``backward``.
+
+A layer that runs an inner graph (``Layer.inner_graph``) has no hooks of its own: its
+tangent is the forward walk of tangents through the inner graph (``push``), and its
+Hessian product a ``Point`` of the inner graph seeded with ``g_out``, along the
+tangents of the inner inputs and of the layer's Parameters at once.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from backprop.curvature.walk import hvp_of, tangent
+from backprop.curvature.point import Point
+from backprop.curvature.walk import flatten, hvp_of, push, tangent
+from backprop.graph import Graph
 from backprop.layer import Layer
 
 __all__ = ["layer_hvp", "layer_tangent"]
@@ -62,7 +69,8 @@ def layer_tangent(
     shape (a tuple for several outputs); zeros when nothing moves."""
     dx, dth = _checked(layer, dx_in, dtheta, "layer_tangent")
     op = layer.operating_point("layer_tangent")
-    out = tangent(layer, op, dx, dth)
+    inner = layer.inner_graph("layer_tangent")
+    out = tangent(layer, op, dx, dth) if inner is None else _inner_tangent(layer, inner, dx, dth)
     if out is None:
         x_out = op.x_out
         if isinstance(x_out, tuple):
@@ -83,7 +91,8 @@ def layer_hvp(
     """
     dx, dth = _checked(layer, dx_in, dtheta, "layer_hvp")
     op = layer.operating_point("layer_hvp")
-    hvp = hvp_of(layer, "layer_hvp")
+    inner = layer.inner_graph("layer_hvp")
+    hvp = hvp_of(layer, "layer_hvp") if inner is None else None
     if isinstance(g_out, tuple | list):
         g: Any = tuple(np.asarray(x) for x in g_out)
     else:
@@ -94,7 +103,7 @@ def layer_hvp(
         raise ValueError(f"layer_hvp: g_out has shape {given}, but x_out of {layer!r} has {shapes}")
     second = None
     if any(d is not None for d in dx) or dth:
-        second = hvp(op, g, dx, dth, True)
+        second = hvp(op, g, dx, dth, True) if hvp is not None else _inner_hvp(layer, g, dx, dth)
     h_in, h_theta = second if second is not None else ((None,) * len(dx), {})
     ins = tuple(
         None if x.dtype.kind != "f" else (np.zeros_like(x) if h is None else h)
@@ -105,3 +114,37 @@ def layer_hvp(
         for name, p in layer.params.items()
     }
     return ins, params
+
+
+def _inner_tangent(
+    layer: Layer, inner: Graph, dx: tuple[Any, ...], dtheta: dict[str, np.ndarray]
+) -> Any:
+    """The output tangent of a layer that runs ``inner``: tangents pushed through it
+    (zeros for an output none reaches; None if none is reached)."""
+    flat = flatten(inner)
+    T = {flat.inputs[n]: d for n, d in zip(inner.input_names(), dx, strict=False) if d is not None}
+    push(flat.steps, T, {layer.params[name]: d for name, d in dtheta.items()})
+    outs = [T.get(k) for k in flat.outputs]
+    if all(t is None for t in outs):
+        return None
+    if len(outs) == 1:
+        return outs[0]
+    x_out = layer.operating_point("layer_tangent").x_out
+    return tuple(np.zeros_like(x) if t is None else t for t, x in zip(outs, x_out, strict=True))
+
+
+def _inner_hvp(
+    layer: Layer, g_out: Any, dx: tuple[Any, ...], dtheta: dict[str, np.ndarray]
+) -> tuple[tuple[Any, ...], dict[str, np.ndarray]]:
+    """``(h_in, h_theta)`` of a layer that runs an inner graph: the Hessian of ``<g_out,
+    f>`` times the tangent, from a ``Point`` of the inner graph seeded with ``g_out``."""
+    inner = layer.inner_graph("layer_hvp")
+    seeds = list(g_out) if isinstance(g_out, tuple) else [g_out]
+    pt = Point(inner, {}, "both", "layer_hvp", seeds=seeds)
+    names = inner.input_names()[: len(dx)]
+    by_input = {n: d for n, d in zip(names, dx, strict=True) if d is not None}
+    on_params, on_inputs = pt.product(
+        {layer.params[name]: d for name, d in dtheta.items()}, by_input
+    )
+    h_in = tuple(on_inputs.get(n) for n in names)
+    return h_in, {name: on_params[p] for name, p in layer.params.items() if p in on_params}

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from backprop.curvature.walk import Flat, Step, flatten, hvp_of, tangent
+from backprop.curvature.walk import Flat, Step, flatten, hvp_of, push
 from backprop.graph import Graph
 from backprop.layer import Loss, Parameter
 
@@ -143,9 +143,17 @@ class Space:
 
 
 class Point:
-    """``model`` at one operating point, ready for products along parameters or inputs."""
+    """``model`` at one operating point, ready for products along parameters or inputs
+    (``wrt="both"``: along both at once, through ``product``).
 
-    def __init__(self, model: Graph, given: dict, wrt: str, where: str) -> None:
+    ``seeds``, one array per output, start the backward pass in place of the scalar
+    cost's ``dJ/dJ = 1``: the products are then those of the Hessian of ``Σ <seed,
+    output>`` (for a layer's inner graph, that of ``<g_out, f>``).
+    """
+
+    def __init__(
+        self, model: Graph, given: dict, wrt: str, where: str, seeds: list[Any] | None = None
+    ) -> None:
         if wrt not in WRT + ("both",):
             raise ValueError(f"{where}: wrt must be one of {WRT}, got {wrt!r}")
         self.where, self.wrt, self.model = where, wrt, model
@@ -163,7 +171,7 @@ class Point:
         self.input_space = Space(takes, [info[n][0] for n in takes], [info[n][1] for n in takes])
         self.flows = self._flows()
         self.g_out: dict[str, Any] = {}
-        self._backward()
+        self._backward(seeds)
         self._checked = False
 
     @property
@@ -193,10 +201,13 @@ class Point:
                 f"scalars (ending in a loss); {e}"
             ) from None
 
-    def _backward(self) -> None:
+    def _backward(self, seeds: list[Any] | None) -> None:
         """The backward pass, keeping ``g_out`` of every step a direction moves. A step
-        none of whose inputs moves is not run: only its ``g_out`` is needed."""
-        G: dict[str, Any] = dict(zip(self.flat.outputs, self._seeds(), strict=True))
+        none of whose inputs moves is not run: only its ``g_out`` is needed. It starts
+        from ``seeds`` (one per output), or from the model's own (``dJ/dJ = 1``)."""
+        if seeds is None:
+            seeds = self._seeds()
+        G: dict[str, Any] = dict(zip(self.flat.outputs, seeds, strict=True))
         for step in reversed(self.flat.steps):
             g_out = take(G, step)
             if g_out is None or not self.flows[step.outs[0]]:
@@ -249,21 +260,7 @@ class Point:
     def _tangents(self, by_input: Mapping, by_param: Mapping) -> dict[str, Any]:
         """The forward walk: each step's tangent ``(ẋ_in, θ̇)``, by step name."""
         T: dict[str, Any] = {self.flat.inputs[n]: d for n, d in by_input.items()}
-        seen: dict[str, Any] = {}
-        for step in self.flat.steps:
-            if not self.flows[step.outs[0]]:
-                continue
-            dx = tuple(T.get(k) for k in step.ins)
-            dtheta = {name: by_param[p] for name, p in step.params if p in by_param}
-            seen[step.name] = (dx, dtheta)
-            if all(d is None for d in dx) and not dtheta:
-                continue
-            out = tangent(step.layer, step.op, dx, dtheta)
-            if len(step.outs) == 1:
-                T[step.outs[0]] = out
-            elif out is not None:
-                T.update(zip(step.outs, out, strict=True))
-        return seen
+        return push(self.flat.steps, T, by_param, lambda step: self.flows[step.outs[0]])
 
     def _reverse(self, seen: dict[str, Any], by_param: Mapping, ggn: bool) -> tuple[dict, dict]:
         """The backward walk, differentiated: ``ġ`` of every value, ``H v`` at the leaves."""

@@ -3,19 +3,22 @@
 The curvature products walk a model forward (tangents) and backward (gradients and
 their tangents), over and over. A nested ``Graph`` is unrolled once here into the
 steps of its layers, and every value gets one key (``"node"``, ``"outer/node:1"``),
-so that the walks are plain loops. Only the public members of a model are read:
-``nodes()``, ``input_names()``, ``output_values()``, ``parameters()`` and each layer's
-``operating_point()``.
+so that the walks are plain loops. A layer that runs an inner graph
+(``Layer.inner_graph``, as ``MultiHeadAttention``) is unrolled the same way: its
+second derivatives are those of its inner layers, composed by the same walks. Only
+the public members of a model are read: ``nodes()``, ``input_names()``,
+``output_values()``, ``parameters()``, each layer's ``operating_point()`` and
+``inner_graph()``.
 
 A layer's second-order hooks are looked up here too: ``tangent`` falls back on the
 Jacobians' forward products for a layer without ``_tangent``, and ``hvp_of``
-refuses a layer without ``_hvp``, by name.
+refuses a layer without ``_hvp``, by name. ``push`` is the forward walk of tangents.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,7 @@ import numpy as np
 from backprop.graph import Graph
 from backprop.layer import Layer, OperatingPoint, Parameter
 
-__all__ = ["Flat", "Step", "flatten", "hvp_of", "layers", "tangent"]
+__all__ = ["Flat", "Step", "flatten", "hvp_of", "layers", "push", "tangent"]
 
 
 @dataclass
@@ -54,12 +57,11 @@ class Flat:
 
 #: A frozen model's structure does not change: its unrolled steps (without operating
 #: points) are kept per model, so that each product at a new point reads it once.
-_SKELETONS: weakref.WeakKeyDictionary[Graph, tuple[list[tuple], list[str]]] = (
-    weakref.WeakKeyDictionary()
-)
+_Skeleton = tuple[list[tuple], list[str], list[Layer]]
+_SKELETONS: weakref.WeakKeyDictionary[Graph, _Skeleton] = weakref.WeakKeyDictionary()
 
 
-def _cached(model: Graph) -> tuple[list[tuple], list[str]]:
+def _cached(model: Graph) -> _Skeleton:
     skeleton = _SKELETONS.get(model)
     if skeleton is None:
         skeleton = _SKELETONS[model] = _skeleton(model)
@@ -73,7 +75,9 @@ def layers(model: Graph) -> list[Layer]:
 
 def flatten(model: Graph) -> Flat:
     """The steps of ``model`` and of every graph nested in it, with their operating points."""
-    rows, outputs = _cached(model)
+    rows, outputs, owners = _cached(model)
+    for owner in owners:  # a layer that runs an inner graph: still at its own forward?
+        owner.inner_graph("curvature")
     steps = []
     for name, layer, ins, outs in rows:
         step = Step(name, layer, ins, outs, tuple(layer.params.items()))
@@ -89,10 +93,12 @@ def flatten(model: Graph) -> Flat:
     return Flat(steps, inputs, input_info, outputs)
 
 
-def _skeleton(model: Graph) -> tuple[list[tuple], list[str]]:
-    """``(name, layer, input keys, output keys)`` of every layer, and the output keys."""
+def _skeleton(model: Graph) -> _Skeleton:
+    """``(name, layer, input keys, output keys)`` of every layer, the output keys, and the
+    layers unrolled into their inner graphs."""
     rows: list[tuple] = []
     alias: dict[str, str] = {}
+    owners: list[Layer] = []
 
     def resolve(key: str) -> str:
         while key in alias:
@@ -107,19 +113,24 @@ def _skeleton(model: Graph) -> tuple[list[tuple], list[str]]:
             if info.kind == "input":
                 continue
             ins = tuple(key(v) for v in info.inputs)
-            if isinstance(info.layer, Layer):
+            layer = info.layer
+            inner: Graph | None = layer.inner_graph() if isinstance(layer, Layer) else layer
+            if inner is None:
                 outs = tuple(prefix + v for v in info.outputs)
-                rows.append((prefix + info.name, info.layer, ins, outs))
+                rows.append((prefix + info.name, layer, ins, outs))
                 continue
-            inner: Graph = info.layer
-            bound_inner = dict(zip(inner.input_names(), ins, strict=True))
+            if isinstance(layer, Layer):
+                owners.append(layer)
+            # The node's inputs bind the inner graph's first inputs; one beyond them (fed
+            # by the layer itself, as attention's absent mask) is a value nothing moves.
+            bound_inner = dict(zip(inner.input_names(), ins, strict=False))
             inner_outs = walk(inner, f"{prefix}{info.name}/", bound_inner)
             for v, k in zip(info.outputs, inner_outs, strict=True):
                 alias[prefix + v] = k
         return [key(v) for v in graph.output_values()]
 
     outputs = walk(model, "", {})
-    return rows, outputs
+    return rows, outputs, owners
 
 
 def hvp_of(layer: Layer, where: str = "curvature") -> Callable[..., Any]:
@@ -133,6 +144,33 @@ def hvp_of(layer: Layer, where: str = "curvature") -> Callable[..., Any]:
             f"Gauss-Newton (bp.ggn_vp), which needs first derivatives only"
         )
     return layer._hvp
+
+
+def push(
+    steps: list[Step],
+    T: dict[str, Any],
+    by_param: Mapping[Parameter, np.ndarray],
+    moves: Callable[[Step], bool] | None = None,
+) -> dict[str, Any]:
+    """The forward walk of tangents: ``T`` (tangents by value key, those of the inputs
+    given) gets every step's output tangent, from its inputs' and its parameters'
+    (``by_param``). Returns each step's ``(ẋ_in, θ̇)`` by step name; ``moves`` (all by
+    default) says which steps a direction can reach at all."""
+    seen: dict[str, Any] = {}
+    for step in steps:
+        if moves is not None and not moves(step):
+            continue
+        dx = tuple(T.get(k) for k in step.ins)
+        dtheta = {name: by_param[p] for name, p in step.params if p in by_param}
+        seen[step.name] = (dx, dtheta)
+        if all(d is None for d in dx) and not dtheta:
+            continue
+        out = tangent(step.layer, step.op, dx, dtheta)
+        if len(step.outs) == 1:
+            T[step.outs[0]] = out
+        elif out is not None:
+            T.update(zip(step.outs, out, strict=True))
+    return seen
 
 
 def tangent(layer: Layer, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: dict) -> Any:

@@ -80,6 +80,8 @@ class MultiHeadAttention(Layer):
     fast backward pass is the inner graph's backward; ``jacobians()`` are the inner
     graph's whole-model Jacobians, chained from its nodes' structured Jacobians
     (``Product`` objects), and per-example gradients come from its per-example pass.
+    Second derivatives too come from the inner graph (``inner_graph``): the curvature
+    tools walk its nodes as those of a nested Graph.
     """
 
     inputs: tuple[str, ...] = _INPUTS[:1]
@@ -239,6 +241,18 @@ class MultiHeadAttention(Layer):
         L_theta = {name: J.params.get(p, zero) for name, p in self.params.items()}
         L_x = J.inputs["x"]
         return (L_x if len(op.x_in) == 1 else (L_x, None)), L_theta
+
+    def inner_graph(self, where: str | None = None) -> Graph:
+        """``self.graph``: with ``where``, only while it holds this layer's last forward.
+
+        Second derivatives come from it: the curvature tools push tangents through its
+        nodes and differentiate its backward pass node by node (each primitive's
+        ``_tangent`` and ``_hvp``), in a model as when this layer stands alone, so no
+        formula of attention's own second derivatives is written here.
+        """
+        if where is not None:
+            self._inner(self._operating_point(where), where)
+        return self.graph
 
     def per_example_grads(self, g_out: Any = None) -> dict[str, np.ndarray]:
         """Each example's term of every parameter gradient, from the inner graph's

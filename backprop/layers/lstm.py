@@ -11,6 +11,14 @@ in PyTorch's gate order ``i, f, g, o`` (``torch.nn.LSTMCell``). The additive pat
 ``c → c'`` has the Jacobian ``diag(f)``: where ``f ≈ 1`` the cell state carries a
 gradient over many steps without the ``W_h`` factors that make an Elman net's
 gradients vanish.
+
+Second order. Along a tangent the gates move by ``ġate = s ⊙ ż`` (``s`` their
+derivatives, ``ż`` the affine map's tangent), then ``ċ' = ḟ c + f ċ + i̇ g + i ġ`` and
+``ḣ' = ȯ tanh(c') + o τ ċ'`` (``τ = 1 − tanh²(c')``). The backward pass is a sum of
+products of these (``ĝ_i = g_c' g s_i`` with ``g_c' = g_h' o τ + g_c``, and so on), so
+each product moves by the product rule, ``s`` by ``ṡ = (1 − 2σ) σ̇`` for a sigmoid
+and ``−2 g ġ`` for tanh, ``τ`` by ``−2 tanh(c') τ ċ'``: these bilinear terms between
+the gates and the state are the cell's curvature.
 """
 
 from __future__ import annotations
@@ -114,8 +122,7 @@ class LSTMCell(RecurrentCell):
         ``∂(h', c')/∂z`` and of ``∂(h', c')/∂c`` (see the class docstring)."""
         gates, tanh_c, c = op.saved["gates"], op.saved["tanh_c"], op.x_in[2]
         i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
-        s = gates * (1.0 - gates)  # σ' = σ(1 − σ) for i, f, o ...
-        s[:, 2] = 1.0 - g * g  # ... and tanh' = 1 − g² for g
+        s = _slopes(gates)
         read = o * (1.0 - tanh_c * tanh_c)  # ∂h'/∂c' = o ⊙ τ
         dc = np.stack([g * s[:, 0], c * s[:, 1], i * s[:, 2], np.zeros_like(g)], axis=1)
         dh = read[:, None] * dc
@@ -127,25 +134,90 @@ class LSTMCell(RecurrentCell):
     def _step_backward(
         self, op: OperatingPoint, g_out: Any, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
-        g_h, g_c = g_out
-        x_t, h, c = op.x_in
-        theta, n = op.theta, self.n_hidden
-        gates, tanh_c = op.saved["gates"], op.saved["tanh_c"]
-        i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
-        gc = g_h * o * (1.0 - tanh_c * tanh_c)  # through h' = o ⊙ tanh(c') ...
-        gc += g_c  # ... and straight into c'
-        gz = np.empty((x_t.shape[0], 4, n), dtype=x_t.dtype)  # ĝ, the gradient of z
-        np.multiply(gc * g, i * (1.0 - i), out=gz[:, 0])
-        np.multiply(gc * c, f * (1.0 - f), out=gz[:, 1])
-        np.multiply(gc * i, 1.0 - g * g, out=gz[:, 2])
-        np.multiply(g_h * tanh_c, o * (1.0 - o), out=gz[:, 3])
-        gz = gz.reshape(-1, 4 * n)
+        x_t, h, _ = op.x_in
+        theta = op.theta
+        gc, gz = self._gate_grads(op, *g_out)
+        gz = gz.reshape(x_t.shape[0], -1)
         grads = {"W_x": gz.T @ x_t, "W_h": gz.T @ h}
         if "b" in theta:
             grads["b"] = _column_sum(gz)
         if not input_grad:
             return (None, None, None), grads
-        return (gz @ theta["W_x"], gz @ theta["W_h"], gc * f), grads
+        return (gz @ theta["W_x"], gz @ theta["W_h"], gc * op.saved["gates"][:, 1]), grads
+
+    def _gate_grads(
+        self, op: OperatingPoint, g_h: np.ndarray, g_c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(g_c', ĝ)``: the gradient reaching ``c'`` (from ``h'`` and straight in) and
+        that of the gates' inputs ``z``, ``(B, 4, n)``."""
+        x_t, c = op.x_in[0], op.x_in[2]
+        gates, tanh_c = op.saved["gates"], op.saved["tanh_c"]
+        i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
+        gc = g_h * o * (1.0 - tanh_c * tanh_c)  # through h' = o ⊙ tanh(c') ...
+        gc += g_c  # ... and straight into c'
+        gz = np.empty((x_t.shape[0], 4, self.n_hidden), dtype=x_t.dtype)  # ĝ, the gradient of z
+        np.multiply(gc * g, i * (1.0 - i), out=gz[:, 0])
+        np.multiply(gc * c, f * (1.0 - f), out=gz[:, 1])
+        np.multiply(gc * i, 1.0 - g * g, out=gz[:, 2])
+        np.multiply(g_h * tanh_c, o * (1.0 - o), out=gz[:, 3])
+        return gc, gz
+
+    # -- second order (see the module docstring) ------------------------------------
+    def _moves(
+        self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(ġates (B, 4, n), ċ', d tanh(c'))`` along the tangent; None if nothing moves."""
+        dz, dc = self._affine_tangent(op, dx_in, dtheta), dx_in[2]
+        if dz is None and dc is None:
+            return None
+        gates, tanh_c, c = op.saved["gates"], op.saved["tanh_c"], op.x_in[2]
+        dgates = np.zeros_like(gates) if dz is None else _slopes(gates) * dz.reshape(gates.shape)
+        di, df, dg = dgates[:, 0], dgates[:, 1], dgates[:, 2]
+        i, f, g = gates[:, 0], gates[:, 1], gates[:, 2]
+        dc_new = df * c + di * g + i * dg
+        if dc is not None:
+            dc_new += f * dc
+        return dgates, dc_new, (1.0 - tanh_c * tanh_c) * dc_new
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        moves = self._moves(op, dx_in, dtheta)
+        if moves is None:
+            return None
+        dgates, dc_new, dtanh = moves  # ḣ' = ȯ tanh(c') + o d tanh(c')
+        gates, tanh_c = op.saved["gates"], op.saved["tanh_c"]
+        return dgates[:, 3] * tanh_c + gates[:, 3] * dtanh, dc_new
+
+    def _step_hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        moves = self._moves(op, dx_in, dtheta)
+        if moves is None:
+            return None
+        dgates, _, dtanh = moves
+        # (an output no gradient reached comes as None: zero)
+        g_h, g_c = (
+            np.zeros_like(x) if g is None else g for g, x in zip(g_out, op.x_out, strict=True)
+        )
+        gc, gz = self._gate_grads(op, g_h, g_c)
+        gates, tanh_c, c = op.saved["gates"], op.saved["tanh_c"], op.x_in[2]
+        s = _slopes(gates)
+        ds = (1.0 - 2.0 * gates) * dgates  # σ' = σ(1 − σ) moves by (1 − 2σ) σ̇ ...
+        ds[:, 2] = -2.0 * gates[:, 2] * dgates[:, 2]  # ... and 1 − g² by −2 g ġ
+        tau = 1.0 - tanh_c * tanh_c
+        dgc = g_h * (dgates[:, 3] * tau - 2.0 * gates[:, 3] * tanh_c * dtanh)
+        # ĝ_k = g_c' u_k s_k for the gates i, f, g, with u = (g, c, i): the product rule
+        dc = np.zeros_like(c) if dx_in[2] is None else dx_in[2]
+        u = np.stack([gates[:, 2], c, gates[:, 0]], axis=1)
+        du = np.stack([dgates[:, 2], dc, dgates[:, 0]], axis=1)
+        dgz = np.empty_like(gz)
+        dgz[:, :3] = dgc[:, None] * u * s[:, :3] + gc[:, None] * (du * s[:, :3] + u * ds[:, :3])
+        dgz[:, 3] = g_h * (dtanh * s[:, 3] + tanh_c * ds[:, 3])  # ĝ_o = g_h' tanh(c') s_o
+        B = gz.shape[0]
+        (h_x, h_h), h_theta = self._affine_hvp(
+            op, gz.reshape(B, -1), dgz.reshape(B, -1), dx_in, dtheta, input_grad
+        )
+        h_c = dgc * gates[:, 1] + gc * dgates[:, 1] if input_grad else None  # g_c = g_c' f
+        return (h_x, h_h, h_c), h_theta
 
     def _step_jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         M_d, Lc_d = self._grid(op)
@@ -155,3 +227,10 @@ class LSTMCell(RecurrentCell):
     def __repr__(self) -> str:
         bias = "" if "b" in self.params else ", bias=False"
         return f"LSTMCell({self.n_in}→{self.n_hidden}{bias})"
+
+
+def _slopes(gates: np.ndarray) -> np.ndarray:
+    """The gates' derivatives ``(B, 4, n)``: ``σ(1 − σ)`` for ``i, f, o``, ``1 − g²`` for ``g``."""
+    s = gates * (1.0 - gates)
+    s[:, 2] = 1.0 - gates[:, 2] * gates[:, 2]
+    return s

@@ -11,6 +11,16 @@ weights (chapter 14.7–14.8) and backprop through time is Algorithm 14.1 on it.
 - ``RNNCell``: the Elman cell ``h' = f(W_x x_t + W_h h + b)``, ``f`` tanh or ReLU.
 
 ``LSTMCell`` lives in ``backprop.layers.lstm``.
+
+Second order. Every cell reads its inputs through the affine map ``z = W_x x_t + W_h h
++ b``, whose tangent is ``ż = W_x ẋ_t + W_h ḣ + Ẇ_x x_t + Ẇ_h h + ḃ``. Its backward
+pass, ``g_x = ĝ W_x``, ``g_h = ĝ W_h``, ``dJ/dW_x = ĝᵀ x_t``, ``dJ/dW_h = ĝᵀ h``,
+``dJ/db = Σ ĝ`` for the gradient ``ĝ`` of ``z``, is bilinear in ``ĝ`` and the weights
+(or inputs): it moves by ``ġ W_x + ĝ Ẇ_x``, ``ġ W_h + ĝ Ẇ_h``, ``ġᵀ x_t + ĝᵀ ẋ_t``,
+``ġᵀ h + ĝᵀ ḣ`` and ``Σ ġ``, where ``ġ`` is how ``ĝ`` moves with the gates: for the
+Elman cell ``ġ = g_out ⊙ f''(a) ⊙ ȧ`` (``f'' = −2 h' (1 − h'²)`` for tanh, 0 for
+ReLU). ``RecurrentCell`` states that part once (``_affine_tangent``,
+``_affine_hvp``); each cell states its ``ġ``.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from backprop.jacobian import Dense, Diagonal, Jacobian, Kronecker, Product
 from backprop.jacobian.base import product_label
 from backprop.layer import FLOAT_DTYPES, Layer, OperatingPoint, Parameter, _owned
 from backprop.layers.linear import _as_parameter, _given_dtype
+from backprop.layers.second_order import total
 
 __all__ = ["RNNCell", "RecurrentCell", "cell_parameters", "chain"]
 
@@ -222,6 +233,11 @@ class RecurrentCell(Layer):
             L_theta["b"] = front
         return L_x, L_theta
 
+    def _step_hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        raise NotImplementedError  # abstract
+
     def _backward(
         self, op: OperatingPoint, g_out: Any, input_grad: bool
     ) -> tuple[Any, dict[str, np.ndarray]]:
@@ -229,6 +245,63 @@ class RecurrentCell(Layer):
         if self.stop_state_gradient and input_grad:
             g_in = (g_in[0],) + (None,) * len(self.states)
         return g_in, grads
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        """The step's second-order term. With the state cut (truncated backprop through
+        time) it is refused: the truncated gradient drops some paths of the true one and
+        is the gradient of no cost, so it has no Hessian (its derivative is not even
+        symmetric), and nothing here passes one off as such."""
+        if self.stop_state_gradient:
+            raise RuntimeError(
+                f"{self!r}: the gradient of its incoming state is cut (truncated backprop "
+                f"through time, bp.truncated), and a truncated gradient is the gradient of no "
+                f"cost: it has no Hessian. Compute curvature outside the truncated context"
+            )
+        return self._step_hvp(op, g_out, dx_in, dtheta, input_grad)
+
+    def _affine_tangent(
+        self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: dict[str, np.ndarray]
+    ) -> np.ndarray | None:
+        """``ż = W_x ẋ_t + W_h ḣ + Ẇ_x x_t + Ẇ_h h + ḃ``, ``(B, rows)``: how the input
+        of the nonlinearity (the gates) moves; None if nothing moves it."""
+        theta, terms = op.theta, []
+        for x, dx, name in ((op.x_in[0], dx_in[0], "W_x"), (op.x_in[1], dx_in[1], "W_h")):
+            if dx is not None:
+                terms.append(dx @ theta[name].T)
+            dW = dtheta.get(name)
+            if dW is not None:
+                terms.append(x @ dW.T)
+        db = dtheta.get("b")
+        if db is not None:
+            terms.append(np.broadcast_to(db, (op.x_in[0].shape[0], db.shape[0])))
+        return total(*terms)
+
+    def _affine_hvp(
+        self,
+        op: OperatingPoint,
+        gz: np.ndarray,
+        dgz: np.ndarray | None,
+        dx_in: tuple[Any, ...],
+        dtheta: dict[str, np.ndarray],
+        input_grad: bool,
+    ) -> tuple[list[Any], dict[str, np.ndarray]]:
+        """How the affine map's backward pass moves, for the gradient ``ĝ = gz`` of ``z``
+        and its move ``ġ = dgz`` (None: ``ĝ`` does not move): ``([h_x, h_h], h_theta)``
+        with ``h_x = ġ W_x + ĝ Ẇ_x``, ``h_W_x = ġᵀ x_t + ĝᵀ ẋ_t`` (the same for ``h``)
+        and ``h_b = Σ ġ``; None (or left out) where a term is zero."""
+        theta, h_in, h_theta = op.theta, [], {}
+        for x, dx, name in ((op.x_in[0], dx_in[0], "W_x"), (op.x_in[1], dx_in[1], "W_h")):
+            h_W = total(None if dgz is None else dgz.T @ x, None if dx is None else gz.T @ dx)
+            if h_W is not None:
+                h_theta[name] = h_W
+            dW = dtheta.get(name) if input_grad else None
+            moved = None if dgz is None or not input_grad else dgz @ theta[name]
+            h_in.append(total(moved, None if dW is None else gz @ dW))
+        if dgz is not None and "b" in theta:
+            h_theta["b"] = _column_sum(dgz)
+        return h_in, h_theta
 
     def _jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         L_x, L_theta = self._step_jacobians(op)
@@ -333,6 +406,24 @@ class RNNCell(RecurrentCell):
         if not input_grad:
             return (None, None), grads
         return (ga @ theta["W_x"], ga @ theta["W_h"]), grads
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        da = self._affine_tangent(op, dx_in, dtheta)  # ḣ' = f'(a) ⊙ ȧ
+        return None if da is None else da * self._derivative(op)
+
+    def _step_hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        da = self._affine_tangent(op, dx_in, dtheta)
+        if da is None:
+            return None
+        ga = g_out * self._derivative(op)  # ĝ = g_out ⊙ f'(a)
+        dga = None  # ġ = g_out ⊙ f''(a) ⊙ ȧ: zero for ReLU
+        if self.nonlinearity == "tanh":
+            h_new = op.x_out
+            dga = g_out * (-2.0 * h_new * (1.0 - h_new * h_new)) * da
+        h_in, h_theta = self._affine_hvp(op, ga, dga, dx_in, dtheta, input_grad)
+        return tuple(h_in), h_theta
 
     def _step_jacobians(self, op: OperatingPoint) -> tuple[Any, dict[str, Jacobian]]:
         x_t = op.x_in[0]

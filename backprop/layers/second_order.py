@@ -21,6 +21,8 @@ out of ``dtheta``) stands for zero, so that a product skips what cannot move.
 A layer whose output is linear in its inputs and that has no parameter (a reshape,
 a merge, average pooling, the layers of the backward network) has ``f(ẋ)`` as its
 tangent and no second-order term: ``_tangent = linear_tangent``, ``_hvp = linear_hvp``.
+A layer that runs an inner graph of other layers (``Layer.inner_graph``, as
+``MultiHeadAttention``) writes neither hook: the curvature tools go through its layers.
 """
 
 from __future__ import annotations

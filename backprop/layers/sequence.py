@@ -7,7 +7,8 @@ a batch is ``(B, T, d)``, as in PyTorch with ``batch_first=True``.
 - ``Embedding`` looks each token id up in a table ``W`` ``(n, d)``. Output entry
   ``(t, j)`` is one entry of ``W``, so ``L^W`` is a selection: one 1 per row, in the
   column the id chooses (``IndexSelection``). The ids are integer data, with no
-  gradient and no ``L^x``.
+  gradient and no ``L^x``. The output is linear in ``W`` (a selection of its
+  entries): its tangent is the same selection of ``Ẇ`` and it has no second-order term.
 - ``PositionalEncoding`` adds a fixed code of each position, so that the attention
   layers that follow, which treat the tokens as a set, can tell the order: ``L^x = I``
   and nothing to learn.
@@ -22,6 +23,7 @@ import numpy as np
 from backprop.jacobian import IndexSelection, Jacobian
 from backprop.layer import Layer, OperatingPoint
 from backprop.layers.linear import _as_parameter, _given_dtype
+from backprop.layers.second_order import linear_hvp
 from backprop.layers.worked import Shift
 
 __all__ = ["Embedding", "PositionalEncoding"]
@@ -90,6 +92,12 @@ class Embedding(Layer):
         index = (ids.reshape(B, -1, 1) * d + np.arange(d)).reshape(B, -1)
         L_W = IndexSelection(index, self.n * d, op.theta["W"].dtype, "row ids[t] of W")
         return None, {"W": L_W}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        dW = dtheta.get("W")  # the rows of Ẇ the ids pick (the ids take no tangent)
+        return None if dW is None else np.take(dW, op.x_in[0], axis=0)
+
+    _hvp = linear_hvp  # x_out is linear in W: <g_out, x_out> has no second derivative
 
     def __repr__(self) -> str:
         return f"Embedding({self.n}, {self.d})"

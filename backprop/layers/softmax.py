@@ -21,7 +21,9 @@ Second order, per row, with ``ṗ = p ⊙ (ż − <p, ż>)`` the tangent of ``p`
 ``ż = ẋ/τ``: the backward pass of Softmax, ``(g ⊙ p − p <g, p>)/τ``, moves by
 ``(g ⊙ ṗ − ṗ <g, p> − p <g, ṗ>)/τ``; that of LogSoftmax, ``g − p Σg``, by
 ``−ṗ Σg``. These are the Hessians of ``<g, softmax>`` and ``<g, log softmax>``
-times ``ẋ``.
+times ``ẋ``. A masked entry has ``p = 0``, so ``ṗ = 0`` there and none of these
+terms reaches it or reads its ``ẋ``: masked entries carry no curvature, and a row with
+every entry masked gives zeros. The mask, data, takes no tangent.
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ class Softmax(Layer):
         return ((L, None) if self.masked else L), {}
 
     def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
-        (dx,) = dx_in
+        dx = dx_in[0]  # (a mask, the second input, takes none)
         if dx is None:
             return None
         p, a = op.x_out, _axis(self, self.axis, op.x_out)
@@ -233,15 +235,16 @@ class Softmax(Layer):
     ) -> Any:
         if not input_grad:  # its only term is on the inputs
             return None
-        (dx,) = dx_in
+        dx = dx_in[0]
         if dx is None:
             return None
         p, a = op.x_out, _axis(self, self.axis, op.x_out)
         tau = np.asarray(self.temperature, p.dtype)
-        dp = _moved(p, dx / tau, a)
+        dp = _moved(p, dx / tau, a)  # zero where p is: at every masked entry
         h = g_out * dp - dp * (g_out * p).sum(axis=a, keepdims=True)
         h -= p * (g_out * dp).sum(axis=a, keepdims=True)
-        return (h / tau,), {}
+        h /= tau
+        return ((h, None) if self.masked else (h,)), {}
 
     def __repr__(self) -> str:
         t = f", temperature={self.temperature:g}" if self.temperature != 1.0 else ""

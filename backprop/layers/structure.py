@@ -14,6 +14,7 @@ the small pieces for worked examples (``Constant``, ``Scale``, ``Shift``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -339,12 +340,25 @@ class Multiply(Layer):
     def _hvp(
         self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
     ) -> Any:
-        if not input_grad:  # its only term is on the inputs
-            return None
-        d_a, d_b = dx_in  # x_a gets g ẋ_b, x_b gets g ẋ_a
-        if d_a is None and d_b is None:
-            return None
-        return (None if d_b is None else g_out * d_b, None if d_a is None else g_out * d_a), {}
+        # x_a gets g ẋ_b, x_b gets g ẋ_a
+        return _bilinear_hvp(dx_in, input_grad, lambda d_b: g_out * d_b, lambda d_a: g_out * d_a)
+
+
+def _bilinear_hvp(
+    dx_in: tuple[Any, ...],
+    input_grad: bool,
+    to_a: Callable[[np.ndarray], np.ndarray],
+    to_b: Callable[[np.ndarray], np.ndarray],
+) -> Any:
+    """The second-order term of a layer bilinear in its two inputs (``Multiply``,
+    ``MatMul``): input ``a`` moves by ``to_a(ẋ_b)``, ``b`` by ``to_b(ẋ_a)``, and neither
+    by its own tangent. All of it is on the inputs: nothing without ``input_grad``."""
+    if not input_grad:
+        return None
+    d_a, d_b = dx_in
+    if d_a is None and d_b is None:
+        return None
+    return (None if d_b is None else to_a(d_b), None if d_a is None else to_b(d_a)), {}
 
 
 class MatMul(Layer):
@@ -360,6 +374,11 @@ class MatMul(Layer):
     ``L^a`` is block diagonal with blocks ``I_m ⊗ C_pᵀ`` and ``L^b`` with blocks
     ``A_p ⊗ I_n`` (``BlockKronecker``). The fast path is their products without the
     blocks: ``g_a = G Cᵀ`` and ``g_b = Aᵀ G``, each one batched matrix product.
+
+    Second order: the product is bilinear. Its tangent is ``Ȧ C + A Ċ``, and the
+    backward pass moves only through the other factor, ``g_a`` by ``G Ċᵀ`` and ``g_b``
+    by ``Ȧᵀ G``: the Hessian of ``<G, A C>`` pairs the two inputs and has no block
+    within one of them (as ``Multiply``, with matrix products for entrywise ones).
     """
 
     inputs = ("a", "b")
@@ -398,3 +417,17 @@ class MatMul(Layer):
         L_a = BlockKronecker(C.swapaxes(2, 3), m, "left", f"I_{m} ⊗ bᵀ")
         L_b = BlockKronecker(A, n, "right", f"a ⊗ I_{n}")
         return (L_a, L_b), {}
+
+    def _tangent(self, op: OperatingPoint, dx_in: tuple[Any, ...], dtheta: Any) -> Any:
+        (a, b), (d_a, d_b) = op.x_in, dx_in  # Ȧ C + A Ċ
+        return total(None if d_a is None else d_a @ b, None if d_b is None else a @ d_b)
+
+    def _hvp(
+        self, op: OperatingPoint, g_out: Any, dx_in: tuple[Any, ...], dtheta: Any, input_grad: bool
+    ) -> Any:
+        return _bilinear_hvp(  # a gets G Ċᵀ, b gets Ȧᵀ G
+            dx_in,
+            input_grad,
+            lambda d_b: np.matmul(g_out, d_b.swapaxes(-1, -2)),
+            lambda d_a: np.matmul(d_a.swapaxes(-1, -2), g_out),
+        )

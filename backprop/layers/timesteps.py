@@ -11,6 +11,10 @@ moves are linear and parameter-free:
 - ``ZeroState(n)`` gives the all-zero initial state ``(B, n)`` for a batch of any
   input; its ``L^x`` is the zero matrix.
 
+Both are linear in their input with no parameter: the tangent is the layer applied to
+the input's tangent, and there is no second-order term (``linear_tangent``,
+``linear_hvp``).
+
 The stacking of the hidden states needs no layer of its own: ``Merge`` joins the
 ``T`` states of ``(B, n)`` into ``(B, T·n)`` and ``Reshape(T, n)`` makes it
 ``(B, T, n)``.
@@ -25,6 +29,7 @@ import scipy.sparse as sp
 
 from backprop.jacobian import Identity, Jacobian, Sparse
 from backprop.layer import Layer, OperatingPoint, check_float
+from backprop.layers.second_order import linear_hvp, linear_tangent
 
 __all__ = ["Unstack", "ZeroState", "tuple_g_out"]
 
@@ -70,6 +75,8 @@ class Unstack(Layer):
     """
 
     returns_tuple = True
+    _tangent = linear_tangent
+    _hvp = linear_hvp
 
     def __init__(self, T: int) -> None:
         super().__init__()
@@ -114,6 +121,9 @@ class ZeroState(Layer):
     The input only says the batch size and the dtype. ``L^x`` is the zero matrix
     ``(n, |x_in|)`` (no entry stored) and ``g_in`` is zeros.
     """
+
+    _tangent = linear_tangent  # zeros: nothing moves the state it gives
+    _hvp = linear_hvp
 
     def __init__(self, n: int) -> None:
         super().__init__()
