@@ -37,7 +37,7 @@ import numpy as np
 
 from backprop.finite import loss_not_finite
 from backprop.jacobian import Jacobian
-from backprop.parameter import FLOAT_DTYPES, Parameter, _owned, _value_of, check_float
+from backprop.parameter import FLOAT_DTYPES, Parameter, _owned, check_float
 
 __all__ = ["FLOAT_DTYPES", "Layer", "Loss", "OperatingPoint", "Parameter", "check_float"]
 
@@ -139,8 +139,7 @@ class Layer:
         """
         arrays = self._validate_inputs(x_in)
         params = self.params
-        # (zip and map build it in C: a comprehension costs a frame on every call)
-        theta = dict(zip(params, map(_value_of, params.values()), strict=True)) if params else {}
+        theta = {name: p._value for name, p in params.items()} if params else {}
         op = OperatingPoint(arrays, theta)
         x_out = self._forward(op, *arrays)
         if isinstance(x_out, np.ndarray):

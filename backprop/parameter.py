@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -110,10 +109,6 @@ def check_float(where: str, what: str, x: Any, dtype: np.dtype[Any] | None = Non
             f"never changes the dtype of its data: convert with x.astype(np.{dtype.name})"
         )
     return x
-
-
-#: ``p._value`` of a Parameter, as a C-level getter.
-_value_of = attrgetter("_value")
 
 
 def _owned(x: np.ndarray) -> np.ndarray:

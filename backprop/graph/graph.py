@@ -317,14 +317,17 @@ class Graph:
                 raise ValueError(f"{where}: mode must be one of {run.MODES}, got {mode!r}")
             if per_example:
                 raise ValueError(f"{where}: per_example=True runs in mode='fast' only")
-        # The common case, checked in one line: the last forward's operating points are in
-        # place (a model with nested graphs, whose tokens hold more, takes the full check).
+        # The common case in one line (a model with nested graphs takes the full check).
         if (
             self._state != "cached"
             or list(map(state.operating_point, self._layers)) != self._tokens
         ):
             self._require_outputs("backward")
             self._require_cached()  # raises, saying what is missing
+        if seed is None and mode == "fast" and not per_example:  # a cost's dJ/dJ = 1
+            grads = run.backward_chain_cost(self, input_grad)
+            if grads is not None:
+                return grads
         seeds = run.seeds(self, seed, None)
         return run.backward(self, seeds, mode, per_example, input_grad)
 

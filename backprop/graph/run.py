@@ -400,6 +400,19 @@ def backward(
     return Gradients(ordered, _totals(graph, uses, per_example), uses)
 
 
+def backward_chain_cost(graph: Graph, input_grad: bool) -> Gradients | None:
+    """The fast backward of a chain that ends in its cost, from ``dJ/dJ = 1``; None
+    when the model is not such a chain (``backward`` then takes the general way)."""
+    wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
+    plan = graph._plans.get(wanted) or state.backward_plan(graph, wanted)
+    if plan.chain is None:
+        return None
+    cost = graph._values[graph._output_slots[0]]
+    if cost.shape != ():
+        return None
+    return _backward_chain(graph, plan, _ONE[cost.dtype])
+
+
 def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
     """The fast backward of a chain (``plan.chain``): Algorithm 14.1's loop as the
     chapter writes it, one gradient ``g`` handed from each layer to the one below."""
