@@ -460,3 +460,34 @@ def test_a_graph_that_is_a_chain_runs_as_one_and_fan_out_does_not() -> None:
     t = h.add(bp.Tanh(), x)
     h.output(h.add(bp.Add(), t, h.add(bp.Sigmoid(), t)))  # t is read twice: a fan-out
     assert h._chain is None
+    u = bp.Graph()  # an input that no layer reads: the general walk gives it its value
+    x, _ = u.input("x"), u.input("unused")
+    u.output(u.add(bp.Tanh(), x))
+    assert u._chain is None
+    X = np.ones((2, 3))
+    np.testing.assert_array_equal(u.forward(x=X, unused=X), np.tanh(X))
+    assert u.backward(np.ones((2, 3))).inputs["unused"].shape == (2, 3)
+
+
+def test_a_parameter_that_no_gradient_reaches_gets_zeros_beside_a_tied_one() -> None:
+    # Three uses of one tied W on the seeded output, and two Parameters only on the other
+    # output: as many uses as Parameters, yet two Parameters have none.
+    rng = np.random.default_rng(3)
+    W = bp.Parameter(rng.standard_normal((3, 3)))
+    g = bp.Graph()
+    x = g.input("x")
+    a, b = g.add(bp.Branch(2), x)
+    seeded = a
+    for _ in range(3):
+        seeded = g.add(bp.Linear(3, 3, W=W, bias=False), seeded)
+    other = g.add(bp.Linear(3, 2, rng=1), b, name="other")
+    g.output(seeded, other, names=["y", "z"])
+    X = rng.standard_normal((4, 3))
+    g.forward(x=X)
+    grads = g.backward({"y": np.ones((4, 3))})
+    unused = g.node("other").layer.params
+    for p in unused.values():
+        np.testing.assert_array_equal(grads.params[p], np.zeros(p.shape))
+        assert grads.per_use[p] == []
+    np.testing.assert_allclose(grads.params[W], sum(t for _, t in grads.per_use[W]), rtol=1e-15)
+    assert len(grads.per_use[W]) == 3

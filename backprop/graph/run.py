@@ -418,6 +418,7 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
     chapter writes it, one gradient ``g`` handed from each layer to the one below."""
     uses: list[tuple[Parameter, str, np.ndarray]] = []
     total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
+    reached = 0  # how many Parameters have a gradient so far
     g = seed
     for layer, name, want in plan.chain:  # type: ignore[union-attr]
         g_in, layer_grads = layer.backward(g, input_grad=want)
@@ -427,9 +428,12 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
                 p = params[pname]
                 uses.append((p, name, grad))
                 t = total[p]
-                total[p] = grad if t is None else t + grad  # a tied Parameter's uses add
+                if t is None:
+                    total[p], reached = grad, reached + 1
+                else:  # a tied Parameter's uses add
+                    total[p] = t + grad
         g = g_in[0] if type(g_in) is tuple else g_in
-    if len(uses) < len(total):  # some Parameter may have had no use: zeros
+    if reached < len(total):  # some Parameter had no use: zeros
         total = _totals(graph, uses, False)
     inputs = {plan.chain_input: g} if plan.chain_input is not None else {}
     return Gradients(inputs, total, uses)
@@ -445,16 +449,17 @@ def _totals(
     """
     total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
     summed: set[Parameter] = set()  # the Parameters whose total is an array of our own
+    reached = 0  # how many Parameters have a gradient
     for p, _, grad in uses:
         t = total[p]
         if t is None:
-            total[p] = grad
+            total[p], reached = grad, reached + 1
         elif p in summed:
             t += grad
         else:
             total[p] = t + grad
             summed.add(p)
-    if len(uses) < len(total):  # some Parameter may have had no use
+    if reached < len(total):  # some Parameter had no use
         for p, t in total.items():
             if t is None:
                 shape = (graph.batch_size, *p.shape) if per_example else p.shape

@@ -134,6 +134,8 @@ def find_chain(graph: Graph) -> Chain | None:
         if any(j not in input_slots for j in ins[1:]):
             return None
         previous = steps[k][4][0]
+    if input_slots != {steps[0][3][0], *steps[-1][3][1:]}:  # an input the chain never reads
+        return None
     return Chain(graph, steps, inputs)
 
 
