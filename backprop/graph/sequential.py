@@ -76,7 +76,7 @@ class Sequential(Graph):
                 f"Sequential.forward: the last layer {last!r} takes {need} after x; "
                 f"got {len(targets)} extra argument(s)"
             )
-        if cache and self._chain is not None:  # the plain loop (always, but for a nested graph)
+        if cache and self._chain is not None:  # the plain loop; a nested Graph takes the walk
             return run.forward_chain(self, x, targets)
         # The names are the chain's own, in order: nothing for Graph.forward to check.
         out = run.forward(self, dict(zip(names, (x, *targets), strict=True)), cache)
