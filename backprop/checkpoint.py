@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -275,9 +275,8 @@ def load(
         layer.set_buffers(new)  # type: ignore[attr-defined]
     for g, saved in generators:
         g.bit_generator.state = saved
-    if optim is not None:
-        assert optimizer is not None
-        _apply_optimizer(optimizer, *optim)
+    if optim is not None:  # read only when an optimizer was given
+        _apply_optimizer(cast(Optimizer, optimizer), *optim)
     return state
 
 
