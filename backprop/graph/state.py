@@ -165,21 +165,15 @@ def backward_plan(graph: Graph, wanted: tuple[bool, ...]) -> Plan:
 
 
 def _find_chain(graph: Graph, plan: Plan) -> None:
-    """Set ``plan.chain`` to ``[(layer, node name, input gradient wanted), ...]`` when
-    the plan is one chain from the single output down (a Sequential): each layer's
-    first input is the output of the next one in the plan, and no other input wants
-    a gradient. ``plan.chain_input`` names the input at its foot that wants one."""
+    """Set ``plan.chain`` to ``[(layer, node name, input gradient wanted), ...]`` when the
+    model is a chain (``graph._chain``) and no target of its last layer wants a gradient:
+    the nodes that need one are then a suffix of the chain, walked from the output
+    down. ``plan.chain_input`` names the input at its foot when that wants one."""
+    if graph._chain is None:
+        return
     steps = [entry for entry in plan if entry[7] != INPUT]
-    feet = [(entry[1].name, entry[4][0]) for entry in plan if entry[7] == INPUT]
-    if len(graph._outputs) != 1 or not steps or len(feet) > 1:
-        return
-    slot = graph._slots[graph._outputs[0]]
-    chain = []
-    for _, node, layer, ins, outs, need_in, want, kind in steps:
-        if kind == GRAPH or node.multi or outs != (slot,) or any(need_in[1:]):
-            return
-        chain.append((layer, node.name, want))
-        slot = ins[0]
-    if feet and feet[0][1] != slot:
-        return
-    plan.chain, plan.chain_input = chain, feet[0][0] if feet else None
+    if any(any(need_in[1:]) for _, _, _, _, _, need_in, _, _ in steps):
+        return  # a target wants its gradient: the general walk gives it
+    plan.chain = [(layer, node.name, want) for _, node, layer, _, _, _, want, _ in steps]
+    feet = [entry[1].name for entry in plan if entry[7] == INPUT]
+    plan.chain_input = feet[0] if feet else None
