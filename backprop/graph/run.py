@@ -151,7 +151,8 @@ def forward(graph: Graph, given: dict[str, Any], cache: bool) -> tuple[Any, ...]
         raise
     # Which inputs want a gradient: float data that requires one.
     wanted = tuple([graph._nodes[i].requires_grad and float_input[i] for i in graph._inputs])
-    return _done(graph, values, meta, wanted, cache)
+    _done(graph, values, meta, wanted, cache)
+    return tuple([values[k] for k in graph._output_slots])
 
 
 def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
@@ -183,24 +184,19 @@ def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
     floats = []  # which inputs want a gradient: float data that requires one
     for requires_grad, slot in chain.inputs:
         floats.append(requires_grad and values[slot].dtype.kind == "f")
-    wanted = tuple(floats)
-    graph._values, graph._meta, graph._wanted = values, [], wanted
-    graph._needs = graph._needs_by_inputs.get(wanted) or state.needs_for(graph, wanted)
-    graph._state, graph._forward_id = "cached", next(_forward_ids)
-    graph._tokens = list(map(state.operating_point, graph._layers))  # no nested graph
+    _done(graph, values, [], tuple(floats), True)
     return out
 
 
 def _done(
     graph: Graph, values: list[Any], meta: list[Any], wanted: tuple[bool, ...], cache: bool
-) -> tuple[Any, ...]:
-    """Keep what a forward leaves behind (see ``state``); return the outputs' values."""
+) -> None:
+    """Keep what a forward leaves behind (see ``state``)."""
     graph._values, graph._meta, graph._wanted = values, meta, wanted
     graph._needs = state.needs_for(graph, wanted)
     graph._state = "cached" if cache else "uncached"
     graph._forward_id = next(_forward_ids)
     graph._tokens = state.tokens(graph) if cache else []
-    return tuple([values[k] for k in graph._output_slots])
 
 
 def _as_array(graph: Graph, name: str, x: Any) -> np.ndarray:
@@ -347,8 +343,7 @@ def backward(
     input_grad: bool,
 ) -> Gradients:
     """The reverse pass from the outputs' seeds; see ``Graph.backward``."""
-    wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
-    plan = graph._plans.get(wanted) or state.backward_plan(graph, wanted)
+    plan = _plan(graph, input_grad)
     fast = mode == "fast" and not per_example
     if fast and plan.chain is not None:
         return _backward_chain(graph, plan, seed_list[0])
@@ -400,11 +395,16 @@ def backward(
     return Gradients(ordered, _totals(graph, uses, per_example), uses)
 
 
+def _plan(graph: Graph, input_grad: bool) -> state.Plan:
+    """The backward plan for the inputs that want a gradient (none without ``input_grad``)."""
+    wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
+    return state.backward_plan(graph, wanted)
+
+
 def backward_chain_cost(graph: Graph, input_grad: bool) -> Gradients | None:
     """The fast backward of a chain that ends in its cost, from ``dJ/dJ = 1``; None
     when the model is not such a chain (``backward`` then takes the general way)."""
-    wanted = graph._wanted if input_grad else (False,) * len(graph._inputs)
-    plan = graph._plans.get(wanted) or state.backward_plan(graph, wanted)
+    plan = _plan(graph, input_grad)
     if plan.chain is None:
         return None
     cost = graph._values[graph._output_slots[0]]
