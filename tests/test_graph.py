@@ -621,3 +621,22 @@ def test_merge_without_a_count_takes_what_it_is_given() -> None:
     assert repr(alone) == "Merge(3)"
     g_in, _ = alone.backward(np.ones((2, 6)))
     assert [x.shape for x in g_in] == [(2, 3), (2, 1), (2, 2)]
+
+
+def test_a_scalar_parameter_tied_three_times_sums_its_uses_beside_a_fan_out() -> None:
+    # y = a³ t + t with t = tanh(x): not a chain (t is read twice), so the general walk
+    # sums the three uses of the 0-d a; dJ/da = 3 a² <seed, t>.
+    a = bp.Parameter(np.array(1.5))
+    g = bp.Graph()
+    t = g.add(bp.Tanh(), g.input("x"))
+    h = t
+    for _ in range(3):
+        h = g.add(Scale(a), h)
+    g.output(g.add(bp.Add(), h, t))
+    X = np.array([[0.3, -0.7, 1.1]])
+    g.forward(x=X)
+    seed = np.array([[1.0, -2.0, 0.5]])
+    grads = g.backward(seed=seed)
+    assert grads.params[a].shape == ()
+    np.testing.assert_allclose(grads.params[a], 3 * 1.5**2 * np.vdot(seed, np.tanh(X)))
+    assert len(grads.per_use[a]) == 3

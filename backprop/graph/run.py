@@ -417,26 +417,16 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
     """The fast backward of a chain (``plan.chain``): Algorithm 14.1's loop as the
     chapter writes it, one gradient ``g`` handed from each layer to the one below."""
     uses: list[tuple[Parameter, str, np.ndarray]] = []
-    total: dict[Parameter, Any] = dict.fromkeys(graph._parameters)
-    reached = 0  # how many Parameters have a gradient so far
     g = seed
     for layer, name, want in plan.chain:  # type: ignore[union-attr]
         g_in, layer_grads = layer.backward(g, input_grad=want)
         if layer_grads:
             params = layer.params
             for pname, grad in layer_grads.items():
-                p = params[pname]
-                uses.append((p, name, grad))
-                t = total[p]
-                if t is None:
-                    total[p], reached = grad, reached + 1
-                else:  # a tied Parameter's uses add
-                    total[p] = t + grad
+                uses.append((params[pname], name, grad))
         g = g_in[0] if type(g_in) is tuple else g_in
-    if reached < len(total):  # some Parameter had no use: zeros
-        total = _totals(graph, uses, False)
     inputs = {plan.chain_input: g} if plan.chain_input is not None else {}
-    return Gradients(inputs, total, uses)
+    return Gradients(inputs, _totals(graph, uses, False), uses)
 
 
 def _totals(
@@ -456,8 +446,10 @@ def _totals(
             total[p], reached = grad, reached + 1
         elif p in summed:
             t += grad
-        else:
-            total[p] = t + grad
+        else:  # a copy, not t + grad: that is a numpy scalar for a 0-d Parameter
+            acc = np.array(t, copy=True)
+            acc += grad
+            total[p] = acc
             summed.add(p)
     if reached < len(total):  # some Parameter had no use
         for p, t in total.items():
