@@ -161,9 +161,22 @@ class Layer:
         op = self._op
         if op is None:
             op = self._operating_point("backward")  # raises, naming the layer
-        g_in, grads = self._backward(op, self._validate_g_out(op, g_out), input_grad)
+        return self._backward_checked(op, self._validate_g_out(op, g_out), input_grad)
+
+    def _backward_checked(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        """``_backward`` on a ``g_out`` already validated, its ``g_in`` checked: each
+        input's gradient has the input's shape and dtype (or is None).
+
+        A model's executor calls it directly with the gradient that the layer above
+        returned: checked there against the value the two layers share, it needs no
+        second check here.
+        """
+        g_in, grads = self._backward(op, g_out, input_grad)
         if type(g_in) is np.ndarray and len(op.x_in) == 1:
-            if g_in.shape != op.x_in[0].shape:
+            x = op.x_in[0]
+            if g_in.shape != x.shape or g_in.dtype != x.dtype:
                 self._wrong_g_in(g_in, 0)
         elif g_in is not None:
             self._check_g_ins(op, g_in)
@@ -178,16 +191,18 @@ class Layer:
                 f"for an input without one)"
             )
         for k, (g, x) in enumerate(zip(g_in, op.x_in, strict=True)):
-            if g is not None and (not isinstance(g, np.ndarray) or g.shape != x.shape):
+            if g is not None and (
+                not isinstance(g, np.ndarray) or g.shape != x.shape or g.dtype != x.dtype
+            ):
                 self._wrong_g_in(g, k)
 
     def _wrong_g_in(self, g: Any, k: int) -> None:
         x = cast(OperatingPoint, self._op).x_in[k]
-        what = f"shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
+        what = f"{g.dtype} of shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
         raise RuntimeError(
-            f"{self!r}._backward returned g_in for input {k} ({self.inputs[k]}) with "
-            f"{what}, but that input has shape {x.shape}; g_in = g_out L^x has the input's "
-            f"shape (a bug in the layer's _backward)"
+            f"{self!r}._backward returned g_in for input {k} ({self.inputs[k]}) as {what}, "
+            f"but that input is {x.dtype} of shape {x.shape}; g_in = g_out L^x has the "
+            f"input's shape and dtype (a bug in the layer's _backward)"
         )
 
     def jacobians(self) -> tuple[Any, dict[str, Jacobian]]:
@@ -308,31 +323,33 @@ class Layer:
         return type(self).__name__
 
     def _validate_inputs(self, x_in: Sequence[Any]) -> tuple[np.ndarray, ...]:
-        if len(x_in) == 1 and len(self.inputs) == 1 and not self.label_inputs:
-            # The common case, kept short: one float array of the layer's dtype (what
-            # the layer before it returns). Anything else takes the general path
-            # below, which also words the errors.
+        """``x_in`` as the layer's owned input arrays, checked (``_check``); refused with
+        an error that names the layer otherwise. Two common cases are tested first in
+        few operations; anything else (and every error) takes ``_validate_general``."""
+        n = len(x_in)
+        if n == 1 and self._default_dtype and len(self.inputs) == 1 and not self.label_inputs:
+            # One float array of the layer's dtype (what the layer before it returns).
+            # With parameters, equal to theirs is float too (Layer._dtype, inlined).
             x = x_in[0]
-            if type(x) is np.ndarray and x.ndim and x.dtype in FLOAT_DTYPES:
-                if self._default_dtype:  # Layer._dtype, inlined: the first parameter's dtype
-                    params = self.params
-                    ok = not params or x.dtype == next(iter(params.values()))._value.dtype
-                else:
-                    dtype = self._dtype()
-                    ok = dtype is None or x.dtype == dtype
-                if ok:
-                    x = _owned(x)
-                    if self._check is not None:
-                        self._check(x)
-                    return (x,)
-        elif (
-            len(x_in) == 2
-            and len(self.inputs) == 2
-            and (not self.params if self._default_dtype else self._dtype() is None)
-        ):
-            # The other common case: a loss's prediction and its target (same dtype,
-            # or integer labels where the layer declares them).
+            params = self.params
+            if (
+                type(x) is np.ndarray
+                and x.ndim
+                and (
+                    x.dtype == next(iter(params.values()))._value.dtype
+                    if params
+                    else x.dtype in FLOAT_DTYPES
+                )
+            ):
+                x = _owned(x)
+                if self._check is not None:
+                    self._check(x)
+                return (x,)
+        elif n == 2 and self._default_dtype and not self.params and len(self.inputs) == 2:
+            # A loss's prediction and its target: float data of one dtype, or float data
+            # and integer labels where the layer declares them.
             x, t = x_in
+            first, second = self.inputs
             if (
                 type(x) is np.ndarray
                 and type(t) is np.ndarray
@@ -340,13 +357,9 @@ class Layer:
                 and t.ndim
                 and x.shape[0] == t.shape[0]
                 and x.dtype in FLOAT_DTYPES
-                and self.inputs[0] not in self.label_inputs
-                and self.inputs[1] not in self.mask_inputs
-                and (
-                    t.dtype.kind in "iu"
-                    if self.inputs[1] in self.label_inputs
-                    else t.dtype == x.dtype
-                )
+                and first not in self.label_inputs
+                and second not in self.mask_inputs
+                and (t.dtype.kind in "iu" if second in self.label_inputs else t.dtype == x.dtype)
             ):
                 x, t = _owned(x), _owned(t)
                 if self._check is not None:

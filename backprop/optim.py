@@ -101,17 +101,16 @@ class Optimizer:
         state = self.state
         items = []
         for p, g in grads.items():
-            # The common case first, in as few operations as it takes: a Parameter this
-            # optimizer updates, and a float array of its shape and dtype.
-            if type(g) is not np.ndarray:
-                g = np.asarray(g)
-            if not (
-                isinstance(p, Parameter)
-                and p in state
-                and g.shape == p._value.shape
-                and g.dtype == p._value.dtype
+            # The common case in as few operations as it takes: a Parameter this optimizer
+            # updates and a float array of its shape and dtype. _convert says what else is
+            # wrong (it also checks that p is a Parameter: only Parameters are in state).
+            if (
+                p not in state
+                or type(g) is not np.ndarray
+                or g.shape != p._value.shape
+                or g.dtype != p._value.dtype
             ):
-                g = self._convert(p, g)
+                g = self._convert(p, np.asarray(g))
             # A NaN or inf anywhere makes Σ g² non-finite: one BLAS dot product, and the
             # exact test only when it fires (huge finite entries may also overflow it).
             # The method on the flat view costs about half of np.vdot's call.

@@ -478,14 +478,15 @@ def _epoch(
     n_batches = -(-order.size // batch_size)
     for b in range(n_batches):
         idx = order[b * batch_size : (b + 1) * batch_size]
+        xb, yb = _minibatch(X, idx), _minibatch(y, idx)
         J = None
         try:
-            J, y_hat, grads = net.step(X[idx], y[idx])
+            J, y_hat, grads = net.step(xb, yb)
             optimizer.step(grads)
         except ValueError as e:
             raise _step_error(e, J, epoch, b, n_batches) from e
         total += J * idx.size
-        correct += _n_correct(y_hat, y[idx])
+        correct += _n_correct(y_hat, yb)
         if pbar is not None:
             pbar.update(1)
             if b % 10 == 0 or b == n_batches - 1:
@@ -494,6 +495,14 @@ def _epoch(
         if stop.requested:
             return None
     return total, correct
+
+
+def _minibatch(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The rows ``idx`` of ``a``: a fresh array that only this step sees, so it is
+    handed over read-only and a layer keeps it in its operating point without a copy."""
+    rows = a[idx]
+    rows.setflags(write=False)
+    return rows
 
 
 def _step_error(e: ValueError, J: float | None, epoch: int, b: int, n: int) -> ValueError:

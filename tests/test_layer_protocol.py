@@ -72,9 +72,32 @@ def test_a_g_in_of_the_wrong_shape_is_named() -> None:
     layer = WrongShape()
     x = np.ones((2, 3))
     layer.forward(x)
-    with pytest.raises(RuntimeError, match=r"WrongShape\(\)._backward .*input 0 \(x_in\) with "
-                       r"shape \(6,\), but that input has shape \(2, 3\)"):  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"WrongShape\(\)._backward .*input 0 \(x_in\) as "
+                       r"float64 of shape \(6,\), but that input is float64 of "
+                       r"shape \(2, 3\)"):  # fmt: skip
         layer.backward(np.ones((2, 3)))
+
+
+class WrongDtype(Cube):
+    """A fused backward that computes its gradient in float64 whatever the input."""
+
+    def _backward(
+        self, op: OperatingPoint, g_out: np.ndarray, input_grad: bool
+    ) -> tuple[Any, dict[str, np.ndarray]]:
+        return (g_out * 3 * op.x_in[0] ** 2).astype(np.float64), {}
+
+
+def test_a_g_in_of_the_wrong_dtype_is_named() -> None:
+    layer = WrongDtype()
+    layer.forward(np.ones((2, 3), np.float32))
+    with pytest.raises(RuntimeError, match=r"input 0 \(x_in\) as float64 of shape \(2, 3\), "
+                       r"but that input is float32"):  # fmt: skip
+        layer.backward(np.ones((2, 3), np.float32))
+    # Inside a model, the layer below never sees the float64 gradient.
+    net = bp.Sequential([bp.Linear(3, 3, dtype=np.float32), WrongDtype()])
+    net.forward(np.ones((2, 3), np.float32))
+    with pytest.raises(RuntimeError, match=r"WrongDtype\(\)._backward .*float64"):
+        net.backward(np.ones((2, 3), np.float32))
 
 
 def test_a_wrong_g_in_inside_a_model_is_named_too() -> None:

@@ -358,8 +358,8 @@ def backward(
             g_out = g[outs[0]]
             if g_out is None:
                 continue
-            if fast:
-                g_in, layer_grads = layer.backward(g_out, input_grad=want)
+            if fast:  # g_out is checked already, as in _backward_chain
+                g_in, layer_grads = layer._backward_checked(layer._op, g_out, want)
             else:
                 g_in, layer_grads = step(layer, g_out, want)
             if type(g_in) is tuple:  # a variadic layer's, or the explicit step's, tuple of one
@@ -419,7 +419,9 @@ def _backward_chain(graph: Graph, plan: state.Plan, seed: Any) -> Gradients:
     uses: list[tuple[Parameter, str, np.ndarray]] = []
     g = seed
     for layer, name, want in plan.chain:  # type: ignore[union-attr]
-        g_in, layer_grads = layer.backward(g, input_grad=want)
+        # g is the seed, or what the layer above returned for the value the two share:
+        # checked already (see Layer._backward_checked). The tokens say _op is current.
+        g_in, layer_grads = layer._backward_checked(layer._op, g, want)
         if layer_grads:
             params = layer.params
             for pname, grad in layer_grads.items():

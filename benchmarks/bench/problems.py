@@ -73,6 +73,14 @@ def build_engine_net(p: Problem, loss: bool = True) -> bp.Sequential:
     return bp.Sequential(layers)
 
 
+def as_fit_batch(a: np.ndarray) -> np.ndarray:
+    """``a`` as ``fit`` hands a training step its minibatch: a fresh read-only array that
+    only the step sees (so a layer caches it without copying it)."""
+    batch = a.copy()
+    batch.setflags(write=False)
+    return batch
+
+
 def close(a: Any, b: Any, rtol: float) -> tuple[bool, float]:
     """Relative closeness scaled by the reference ``b``'s largest entry; also the error."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -22,7 +22,7 @@ import numpy as np
 
 import backprop as bp
 
-from .problems import LR, RTOL, close
+from .problems import LR, RTOL, as_fit_batch, close
 from .steps import compare_weights, torch_ok
 from .timing import check_note, time_against
 
@@ -112,7 +112,7 @@ class EngineRNNStep:
         x, y = model.input("x"), model.input("y")
         states = model.add(bp.unroll(self.cell, T, h0="zeros"), x, name="rnn")
         model.output(model.add(bp.L2Loss(), states, y, name="loss"))
-        self.model, self.X, self.Y = model, p.X, p.Y
+        self.model, self.X, self.Y = model, as_fit_batch(p.X), as_fit_batch(p.Y)
         self.opt = bp.SGD(model.parameters(), lr=p.lr)
 
     def step(self) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 
 import backprop as bp
 
-from .problems import RTOL, Problem, build_engine_net, close, make_problem
+from .problems import RTOL, Problem, as_fit_batch, build_engine_net, close, make_problem
 from .timing import check_note, time_against
 
 
@@ -71,7 +71,7 @@ class NumpyStep:
 
 class EngineStep:
     """This engine: ``Sequential.forward``, ``backward(input_grad=False)``, ``SGD.step``,
-    as ``fit`` runs them."""
+    as ``fit`` runs them, on the data as ``fit`` hands them over (``as_fit_batch``)."""
 
     label = "backprop (fast)"
 
@@ -81,7 +81,7 @@ class EngineStep:
     def __init__(self, p: Any) -> None:
         self.net = self.build(p)
         self.opt = bp.SGD(self.net.parameters(), lr=p.lr)
-        self.X, self.y = p.X, p.y
+        self.X, self.y = as_fit_batch(p.X), as_fit_batch(p.y)
 
     @staticmethod
     def build(p: Any) -> bp.Sequential:

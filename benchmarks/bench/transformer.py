@@ -19,6 +19,7 @@ import numpy as np
 
 import backprop as bp
 
+from .problems import as_fit_batch
 from .steps import checked_timings, torch_ok
 
 #: B, T, d, heads, feed-forward width.
@@ -192,7 +193,7 @@ class EngineBlockStep:
             block["ff2"].params["W"], block["ff2"].params["b"],
         ]  # fmt: skip
         self.opt = bp.SGD(self.model.parameters(), lr=p.lr)
-        self.X, self.y = p.X, p.y
+        self.X, self.y = as_fit_batch(p.X), as_fit_batch(p.y)
 
     def step(self) -> float:
         J = self.model.forward(x=self.X, y=self.y)
