@@ -143,7 +143,9 @@ class Layer:
         op = OperatingPoint(arrays, theta)
         x_out = self._forward(op, *arrays)
         if isinstance(x_out, np.ndarray):
-            x_out.setflags(write=False)  # cheaper than testing the flag first
+            # write=False, given by position: the keyword's parsing would cost as much again
+            # as the call, on every layer's every forward (numpy's stubs list it keyword-only).
+            x_out.setflags(False)  # type: ignore[call-arg]
         op.x_out = x_out
         self._op = op if cache else None
         return x_out

@@ -230,7 +230,7 @@ class SGD(Optimizer):
         for p, g in self._checked(grads):
             new = g * step  # one new array, then θ added in place: θ - ηg, same rounding
             new += p._value
-            new.setflags(write=False)  # what Parameter._assign does with a fresh array
+            new.setflags(False)  # type: ignore[call-arg]  # write=False, as in Layer.forward
             news.append((p, new))
         for p, new in news:
             p._value = new
