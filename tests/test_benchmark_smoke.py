@@ -475,3 +475,29 @@ def test_curvature_case_contestants_compute_what_they_say() -> None:
     for q, t, d in zip(net.parameters(), theirs, double, strict=True):
         np.testing.assert_allclose(ours[q], t, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(ours[q], d, rtol=1e-10, atol=1e-14)
+
+
+def _load_instructions() -> Any:
+    spec = importlib.util.spec_from_file_location("instructions", _BENCHMARKS / "instructions.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_instruction_count_child_runs_both_steps() -> None:
+    """``benchmarks/instructions.py``: the run valgrind would count works, for both
+    contestants (here without valgrind, which CI need not have)."""
+    instructions = _load_instructions()
+    for who in ("numpy", "engine"):
+        cmd, env = instructions.child(who, "tiny", 2)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+
+def test_instruction_count_says_when_valgrind_is_missing(monkeypatch: Any, capsys: Any) -> None:
+    instructions = _load_instructions()
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["instructions.py"])
+    assert instructions.main() == 1
+    assert "valgrind is not installed" in capsys.readouterr().err
