@@ -28,9 +28,10 @@ _CHILD = """
 import sys
 import numpy as np
 from bench.problems import make_problem
-from bench.steps import EngineStep, NumpyStep
+from bench.steps import step_contestants
 who, case, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-contestant = {"numpy": NumpyStep, "engine": EngineStep}[who](make_problem(case, np.float64))
+problem = make_problem(case, np.float64)
+contestant = step_contestants(problem)[who](problem)
 for _ in range(20 + n):
     contestant.step()
 """
