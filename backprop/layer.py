@@ -35,6 +35,11 @@ from typing import Any, ClassVar, NoReturn, cast
 
 import numpy as np
 
+# The protocol's type tests read ``ndarray`` by its plain name: numpy's module-level
+# __getattr__ keeps ``np.ndarray`` out of the interpreter's attribute cache, and these
+# tests run for every layer of every step.
+from numpy import ndarray
+
 from backprop.finite import loss_not_finite
 from backprop.jacobian import Jacobian
 from backprop.parameter import FLOAT_DTYPES, Parameter, _owned, check_float
@@ -142,7 +147,7 @@ class Layer:
         theta = {name: p._value for name, p in params.items()} if params else {}
         op = OperatingPoint(arrays, theta)
         x_out = self._forward(op, *arrays)
-        if isinstance(x_out, np.ndarray):
+        if isinstance(x_out, ndarray):
             # write=False, given by position: the keyword's parsing would cost as much again
             # as the call, on every layer's every forward (numpy's stubs list it keyword-only).
             x_out.setflags(False)  # type: ignore[call-arg]
@@ -176,7 +181,7 @@ class Layer:
         second check here.
         """
         g_in, grads = self._backward(op, g_out, input_grad)
-        if type(g_in) is np.ndarray and len(op.x_in) == 1:
+        if type(g_in) is ndarray and len(op.x_in) == 1:
             x = op.x_in[0]
             if g_in.shape != x.shape or g_in.dtype != x.dtype:
                 self._wrong_g_in(g_in, 0)
@@ -194,13 +199,13 @@ class Layer:
             )
         for k, (g, x) in enumerate(zip(g_in, op.x_in, strict=True)):
             if g is not None and (
-                not isinstance(g, np.ndarray) or g.shape != x.shape or g.dtype != x.dtype
+                not isinstance(g, ndarray) or g.shape != x.shape or g.dtype != x.dtype
             ):
                 self._wrong_g_in(g, k)
 
     def _wrong_g_in(self, g: Any, k: int) -> None:
         x = cast(OperatingPoint, self._op).x_in[k]
-        what = f"{g.dtype} of shape {g.shape}" if isinstance(g, np.ndarray) else type(g).__name__
+        what = f"{g.dtype} of shape {g.shape}" if isinstance(g, ndarray) else type(g).__name__
         raise RuntimeError(
             f"{self!r}._backward returned g_in for input {k} ({self.inputs[k]}) as {what}, "
             f"but that input is {x.dtype} of shape {x.shape}; g_in = g_out L^x has the "
@@ -335,7 +340,7 @@ class Layer:
             x = x_in[0]
             params = self.params
             if (
-                type(x) is np.ndarray
+                type(x) is ndarray
                 and x.ndim
                 and (
                     x.dtype == next(iter(params.values()))._value.dtype
@@ -353,8 +358,8 @@ class Layer:
             x, t = x_in
             first, second = self.inputs
             if (
-                type(x) is np.ndarray
-                and type(t) is np.ndarray
+                type(x) is ndarray
+                and type(t) is ndarray
                 and x.ndim
                 and t.ndim
                 and x.shape[0] == t.shape[0]
@@ -418,9 +423,7 @@ class Layer:
                     f"(shape {x.shape})"
                 )
         elif not (
-            type(x) is np.ndarray
-            and x.dtype in FLOAT_DTYPES
-            and (dtype is None or x.dtype == dtype)
+            type(x) is ndarray and x.dtype in FLOAT_DTYPES and (dtype is None or x.dtype == dtype)
         ):
             x = check_float(repr(self), what, x, dtype)
         if x.ndim == 0:
@@ -445,7 +448,7 @@ class Layer:
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             raise TypeError(f"{self!r}.backward needs g_out = dJ/dx_out, shape {op.x_out.shape}")
-        if type(g_out) is np.ndarray and g_out.dtype == op.x_out.dtype:
+        if type(g_out) is ndarray and g_out.dtype == op.x_out.dtype:
             g = g_out  # the common case, without building the error text
         else:
             g = check_float(repr(self), "g_out", g_out, op.x_out.dtype)
@@ -512,7 +515,7 @@ class Loss(Layer):
     def _validate_g_out(self, op: OperatingPoint, g_out: Any) -> np.ndarray:
         if g_out is None:
             return _ONE[op.x_out.dtype]
-        if type(g_out) is np.ndarray and g_out.shape == () and g_out.dtype == op.x_out.dtype:
+        if type(g_out) is ndarray and g_out.shape == () and g_out.dtype == op.x_out.dtype:
             return g_out  # the common case: a seed from the executor
         if isinstance(g_out, int | float):  # a Python number takes the loss's dtype
             return np.asarray(g_out, dtype=op.x_out.dtype)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from numpy import ndarray  # by its plain name on the hot paths: see backprop.layer
 
 from backprop.layer import Parameter
 
@@ -106,7 +107,7 @@ class Optimizer:
             # wrong (it also checks that p is a Parameter: only Parameters are in state).
             if (
                 p not in state
-                or type(g) is not np.ndarray
+                or type(g) is not ndarray
                 or g.shape != p._value.shape
                 or g.dtype != p._value.dtype
             ):

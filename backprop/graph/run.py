@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+from numpy import ndarray  # by its plain name on the hot paths: see backprop.layer
 
 from backprop.graph import state
 from backprop.jacobian import explicit_vjp
@@ -162,10 +163,10 @@ def forward_chain(graph: Graph, x: Any, extras: Sequence[Any]) -> Any:
     chain: state.Chain = graph._chain  # type: ignore[assignment]
     values: list[Any] = [None] * len(graph._slots)
     name, slot = chain.foot
-    x = values[slot] = x if type(x) is np.ndarray else _as_array(graph, name, x)
+    x = values[slot] = x if type(x) is ndarray else _as_array(graph, name, x)
     targets = []
     for (name, slot), t in zip(chain.extras, extras, strict=True):
-        t = values[slot] = t if type(t) is np.ndarray else _as_array(graph, name, t)
+        t = values[slot] = t if type(t) is ndarray else _as_array(graph, name, t)
         targets.append(t)
     extras = targets
     layers = chain.layers
@@ -201,7 +202,7 @@ def _done(
 
 def _as_array(graph: Graph, name: str, x: Any) -> np.ndarray:
     """Input ``name`` as an array, or an error that names it (a ragged list, say)."""
-    if type(x) is np.ndarray:
+    if type(x) is ndarray:
         return x
     try:
         return np.asarray(x)

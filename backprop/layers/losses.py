@@ -22,7 +22,7 @@ import numpy as np
 from backprop.jacobian import Dense, Jacobian
 from backprop.layer import Loss, OperatingPoint
 
-#: Each signed integer dtype's unsigned twin, for the one-reduction label check.
+#: Each signed integer dtype's unsigned twin, for the one-pass label check.
 _UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
 #: The index dtype, as a dtype: comparing with it is cheaper than with ``np.intp``.
 _INTP = np.dtype(np.intp)
@@ -135,15 +135,16 @@ class SoftmaxCrossEntropy(Loss):
                 f"SoftmaxCrossEntropy: no labelled position (logits {logits.shape}, labels "
                 f"{shape}); the cost is a mean over them, and there are none"
             )
-        # np.maximum.reduce, not labels.max(): the same reduction without the Python
-        # wrapper around it, on every step's path.
         dtype = labels.dtype
-        if dtype.kind == "u":
-            outside = np.maximum.reduce(labels) >= C
-        elif dtype in _UNSIGNED and C <= 1 << (8 * dtype.itemsize - 1):
-            # One reduction checks both ends: viewed as unsigned, a negative label is at
-            # least 2^(bits-1), so at least C (the condition above).
-            outside = np.maximum.reduce(labels.view(_UNSIGNED[dtype])) >= C
+        unsigned = labels
+        if dtype in _UNSIGNED and C <= 1 << (8 * dtype.itemsize - 1):
+            # Viewed as unsigned, a negative label is at least 2^(bits-1), so at least C
+            # (the condition above): one test against C checks both ends.
+            unsigned = labels.view(_UNSIGNED[dtype])
+        if unsigned.dtype.kind == "u":
+            # The largest label by argmax and one read, on every step's path: a plain
+            # loop, several times cheaper than the reduction behind labels.max().
+            outside = unsigned[unsigned.argmax()] >= C
         else:  # many classes for a small signed dtype, or the other byte order
             outside = labels.min() < 0 or labels.max() >= C
         if outside:
@@ -188,9 +189,10 @@ class SoftmaxCrossEntropy(Loss):
             m = np.maximum.reduce(np.ascontiguousarray(logits.T), axis=0)
         else:
             m = np.maximum.reduce(logits, axis=1)
-        if not math.isfinite(np.add.reduce(m)) and not np.isfinite(m).all():
-            # A row holding NaN or +inf has no softmax (and inf - inf would warn): refuse
-            # it here, naming the logits, before any state changes.
+        if not (math.isfinite(m[m.argmax()]) and math.isfinite(m[m.argmin()])):
+            # A row holding NaN or +inf, or only -inf, has no softmax (and inf - inf would
+            # warn): refuse it here, naming the logits, before any state changes. argmax
+            # and argmin stop at a NaN, so the largest and the smallest m_n tell.
             self._refuse(op.x_in, math.nan)
         p = logits - m[:, None]  # shifted logits, every entry <= 0
         if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
