@@ -192,7 +192,8 @@ class SoftmaxCrossEntropy(Loss):
         if not (math.isfinite(m[m.argmax()]) and math.isfinite(m[m.argmin()])):
             # A row holding NaN or +inf, or only -inf, has no softmax (and inf - inf would
             # warn): refuse it here, naming the logits, before any state changes. argmax
-            # and argmin stop at a NaN, so the largest and the smallest m_n tell.
+            # and argmin both pick a NaN where there is one, so the largest and the
+            # smallest m_n tell.
             self._refuse(op.x_in, math.nan)
         p = logits - m[:, None]  # shifted logits, every entry <= 0
         if labels.dtype != _INTP:  # labels are checked to lie in 0..C-1: this is exact
